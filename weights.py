@@ -78,7 +78,7 @@ def _parse_header(raw, path, data_len):
 
     if not isinstance(raw, dict):
         raise bad("the header is not a JSON object")
-    metadata = raw.get("__metadata__", {})
+    metadata = raw.get("__metadata__") or {}  # the reference writer may store null
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise bad("__metadata__ must map strings to strings")
@@ -89,9 +89,9 @@ def _parse_header(raw, path, data_len):
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"tensor {name!r} needs exactly dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise bad(f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
             raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int for o in offsets)
@@ -250,10 +250,10 @@ def describe_keys(keys):
         return f"an SD3 MMDiT with {depth} joint blocks"
     if has("transformer_blocks.") and has("context_embedder"):
         return "an SD3 transformer in the diffusers layout"
+    if has("encoder.down.") or has("decoder.up.") or has("encoder.down_blocks."):
+        return "a VAE"  # before the UNet test: a diffusers VAE has down_blocks and attentions
     if has("input_blocks.") or has("down_blocks.") and has("attentions."):
         return "a UNet (SD 1.x / SDXL style), not an MMDiT"
-    if has("encoder.down.") or has("decoder.up.") or has("encoder.down_blocks."):
-        return "a VAE"
     if has("text_model.") or has("encoder.block."):
         return "a text encoder"
     return f"an unrecognised checkpoint ({len(keys)} tensors, e.g. {keys[:3]})"
@@ -301,7 +301,9 @@ def load_diffusers(path, subfolder, name="diffusion_pytorch_model"):
         try:
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as e:
+            if not all(isinstance(s, str) for s in shards):
+                raise TypeError("shard file names must be strings")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise SafetensorsError(f"{index}: not a valid shard index ({e})") from None
         state = {}
         for shard in shards:
@@ -309,3 +311,50 @@ def load_diffusers(path, subfolder, name="diffusion_pytorch_model"):
         return state
     raise FileNotFoundError(f"{path}: no {name}.safetensors or {name}.safetensors.index.json in "
                             f"{folder} (expected a diffusers '{subfolder}/' folder)")
+
+
+# ----------------------------------------------------------------------------------------------
+# training state: nested dicts / lists of tensors and JSON values, as safetensors + JSON
+
+
+def _flatten(obj, prefix, tensors):
+    """Tensors go to `tensors` under a path-like key; everything else stays as JSON."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _flatten(v, f"{prefix}/{k}", tensors) for k, v in obj.items()}
+        return {"__items__": [[k, _flatten(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _unflatten(obj, tensors):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {k: _unflatten(v, tensors) for k, v in obj["__items__"]}
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(tree, path):
+    """Save a nested training state (model/optimizer state dicts, step, RNG states ...): the
+    tensors as safetensors, the structure and plain values as JSON in the metadata. Atomic."""
+    tensors = {}
+    skeleton = _flatten(tree, "", tensors)
+    save_file(tensors, path, {"kind": "training_state", "tree": json.dumps(skeleton)})
+
+
+def load_state(path):
+    """The inverse of save_state (tensors are copied out of the file, so it may be replaced)."""
+    metadata = load_metadata(path)
+    if metadata.get("kind") != "training_state":
+        raise SafetensorsError(f"{path}: not a training state written by this project")
+    tensors = {k: v.clone() for k, v in load_file(path).items()}
+    return _unflatten(json.loads(metadata["tree"]), tensors)
