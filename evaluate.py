@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 import shapes
-from sample import generate, load_pipeline
+from sample import generate, load_pipeline, pick_device, pick_dtype
 
 
 def judge_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **overrides):
@@ -47,7 +47,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto")
     args = p.parse_args(argv)
     try:
-        pipe = load_pipeline(args.ckpt, args.device, args.dtype)
+        device = pick_device(args.device)
+        pipe = load_pipeline(args.ckpt, device, pick_dtype(args.dtype, device))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -92,10 +92,10 @@ CONFIGS = {
                         dual_attention_layers=tuple(range(13))),        # 2.24 B
     "sd3.5-large": sd3(38, pos_embed_max_size=192, qk_norm=True),       # 8.06 B
     # the built-in shapes world: 4-channel latents of a x4 VAE, a 64-dim text encoder
-    "shapes": MMDiTConfig(depth=6, hidden_size=256, num_heads=4, patch_size=2, in_channels=4,
+    "shapes": MMDiTConfig(depth=4, hidden_size=256, num_heads=4, patch_size=2, in_channels=4,
                           out_channels=4, pos_embed_max_size=32, pooled_dim=64,
-                          context_dim=64, qk_norm=True),                # 12.2 M
-    # tests: every architecture feature, a few thousand parameters
+                          context_dim=64, qk_norm=True),                # 9.4 M
+    # tests: every architecture feature, 0.12 M parameters
     "test": MMDiTConfig(depth=3, hidden_size=32, num_heads=2, patch_size=2, in_channels=4,
                         out_channels=4, pos_embed_max_size=8, pooled_dim=12, context_dim=10,
                         qk_norm=True, dual_attention_layers=(0,)),

@@ -1,0 +1,313 @@
+"""Tests for sample.py: the real CLI on a tiny self-describing checkpoint, seeds, img2img,
+trajectories, student schedules and one-line errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mmdit
+import sample
+import shapes
+import vae as vae_lib
+import weights
+
+PROMPTS = ["a red circle on a blue background",
+           "a green square to the left of a yellow triangle on a white background",
+           "a purple triangle above a orange circle on a black background"]
+P = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt", PROMPTS[2]]
+
+
+def make_checkpoint(folder, sampler, name="model.safetensors"):
+    """A tiny MMDiT (random, non-zero weights so it does something) + the test VAE, with the
+    metadata train_teacher.py / train_ladd.py write."""
+    torch.manual_seed(0)
+    z = vae_lib.CONFIGS["test"].z_channels
+    config = mmdit.MMDiTConfig(depth=2, hidden_size=32, num_heads=2, patch_size=2, in_channels=z,
+                               out_channels=z, pos_embed_max_size=16, pooled_dim=64, context_dim=64,
+                               qk_norm=True)
+    model = mmdit.MMDiT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    vae_lib.VAE("test").save_pretrained(os.path.join(folder, "shapes_vae.safetensors"))
+    path = os.path.join(folder, name)
+    model.save_pretrained(path, {
+        "text_encoder": json.dumps({"name": "shapes", "dim": 64, "pooled_dim": 64, "seed": 0}),
+        "vae": "shapes_vae.safetensors",
+        "sampler": json.dumps(sampler),
+        "sizes": json.dumps([[16, 16], [24, 16]]),
+    })
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small gain nothing from threads; one thread keeps a busy 2-core box fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("teacher")),
+                           {"steps": 3, "cfg": 3.0, "shift": 1.0, "sampler": "euler"})
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("student")),
+                           {"times": [1.0, 0.75, 0.5, 0.25], "cfg": 1.0, "sampler": "euler"})
+
+
+def main(argv):
+    """sample.main on the CPU (fp32) unless argv names a device, so results match on any machine."""
+    return sample.main(argv if "--device" in argv else [*argv, "--device", "cpu"])
+
+
+def read_png(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def expect_error(capsys, argv, *words):
+    """main(argv) must exit 2 with exactly one line on stderr, starting 'error:' and naming words."""
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_main_writes_images_grid_and_config(teacher, tmp_path, capsys):
+    out = tmp_path / "out"
+    main(["--ckpt", os.path.dirname(teacher), *P, "--out", str(out), "--quiet"])  # a run folder
+    for i in range(3):
+        assert read_png(out / f"{i:03d}.png").shape == (16, 16, 3)  # the first "sizes" entry
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 + 2 * 18, 2 + 2 * 18)  # 3 images: 2 per row, 2 px padding
+    assert (out / "prompts.txt").read_text().splitlines()[1] == f"001.png\t{PROMPTS[1]}"
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 3 and config["cfg"] == 3.0
+    assert config["sigmas"] == pytest.approx([1.0, 0.5005, 0.001, 0.0], abs=1e-6)  # 3 steps, shift 1
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]  # nothing half-written
+    assert capsys.readouterr().out == ""  # --quiet
+
+    main(["--ckpt", teacher, "--prompt", PROMPTS[0], "--width", "24", "--height", "16",
+                 "--out", str(out), "--quiet"])
+    assert read_png(out / "000.png").shape == (16, 24, 3)
+
+
+def test_prompt_file_and_final_message(teacher, tmp_path, capsys):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[2]}\n")
+    out = tmp_path / "out"
+    main(["--ckpt", teacher, "--prompt", str(prompt_file), "--out", str(out)])
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["000.png", "001.png", "grid.png"]
+    assert str(out) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sampler", ["euler", "renoise"])
+def test_seed_gives_same_image_whatever_the_batch_size(teacher, tmp_path, sampler):
+    outs = []
+    for bs in (1, 3):
+        out = tmp_path / f"bs{bs}"
+        main(["--ckpt", teacher, *P, "--seed", "7", "--batch-size", str(bs),
+                     "--sampler", sampler, "--out", str(out), "--quiet"])
+        outs.append([read_png(out / f"{i:03d}.png") for i in range(3)])
+    for a, b in zip(*outs):
+        assert np.abs(a - b).max() <= 1
+    assert np.abs(outs[0][0] - outs[0][1]).max() > 10  # different seeds and prompts differ
+    main(["--ckpt", teacher, *P, "--seed", "8", "--out", str(tmp_path / "s8"), "--quiet"])
+    assert np.abs(read_png(tmp_path / "s8" / "000.png") - outs[0][0]).max() > 10
+
+
+def test_generate_is_batch_independent_and_in_range(teacher):
+    pipe = sample.load_pipeline(teacher)
+    assert not pipe.model.training and not any(p.requires_grad for p in pipe.model.parameters())
+    assert pipe.sizes == [(16, 16), (24, 16)] and pipe.granularity == 4
+    a = sample.generate(pipe, PROMPTS, 16, 16, seed=3, batch_size=1, progress=False)
+    b = sample.generate(pipe, PROMPTS[:2], 16, 16, seed=3, batch_size=2, progress=False)
+    assert a.shape == (3, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a[:2], b, atol=1e-5, rtol=0)
+
+
+def test_img2img_strength_zero_is_the_vae_round_trip(teacher, tmp_path):
+    pipe = sample.load_pipeline(teacher)
+    image = shapes.render(PROMPTS[0], 16, 16, rng=0)
+    sample.save_png(image, tmp_path / "in.png")
+    loaded = sample.load_image(tmp_path / "in.png")
+    torch.testing.assert_close(loaded, image, atol=1 / 127.5, rtol=0)  # PNG keeps 8 bits
+
+    with torch.no_grad():
+        round_trip = pipe.vae.decode(pipe.vae.encode(loaded[None]))[0]
+    got = sample.generate(pipe, [PROMPTS[1]], 16, 16, init_image=loaded, strength=0.0, progress=False)
+    torch.testing.assert_close(got[0], round_trip, atol=1e-5, rtol=0)
+    moved = sample.generate(pipe, [PROMPTS[1]], 16, 16, init_image=loaded, strength=0.7, progress=False)
+    assert (moved[0] - round_trip).abs().max() > 1e-3
+
+    out = tmp_path / "out"
+    main(["--ckpt", teacher, "--prompt", PROMPTS[1], "--init-image", str(tmp_path / "in.png"),
+                 "--strength", "0", "--out", str(out), "--quiet"])
+    expected = np.asarray(sample.to_pil(round_trip)).astype(int)
+    assert np.abs(read_png(out / "000.png") - expected).max() <= 1
+
+
+def test_trajectory_has_a_row_per_sample_and_a_column_per_step(teacher, tmp_path):
+    out = tmp_path / "out"
+    main(["--ckpt", teacher, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps", "4",
+                 "--width", "24", "--height", "16", "--trajectory", "--out", str(out), "--quiet"])
+    # 2 rows of 4 images of 24x16, 2 px padding around each
+    assert Image.open(out / "trajectory.png").size == (2 + 4 * 26, 2 + 2 * 18)
+    pipe = sample.load_pipeline(teacher)
+    images, frames = sample.generate(pipe, PROMPTS[:2], 16, 16, steps=4, progress=False, trajectory=True)
+    assert len(frames) == 4 and all(f.shape == images.shape for f in frames)
+    torch.testing.assert_close(frames[-1], images)  # the last x0 estimate is the result (euler)
+
+
+def record_times(monkeypatch):
+    """Patch MMDiT.forward to record the t of every call."""
+    calls, forward = [], mmdit.MMDiT.forward
+
+    def spy(self, x, t, *args, **kwargs):
+        calls.append(t.tolist())
+        return forward(self, x, t, *args, **kwargs)
+    monkeypatch.setattr(mmdit.MMDiT, "forward", spy)
+    return calls
+
+
+def test_student_times_are_the_default_schedule(student, tmp_path, monkeypatch):
+    calls = record_times(monkeypatch)
+    main(["--ckpt", student, *P, "--out", str(tmp_path / "a"), "--quiet"])
+    assert [c[0] for c in calls] == [1.0, 0.75, 0.5, 0.25]  # cfg 1: one pass per step, all 3 images
+    assert all(len(c) == 3 for c in calls)
+
+    for steps, times in [("1", [1.0]), ("2", [1.0, 0.5])]:
+        calls.clear()
+        main(["--ckpt", student, *P, "--steps", steps, "--out", str(tmp_path / "b"), "--quiet"])
+        assert [c[0] for c in calls] == times
+
+    calls.clear()  # cfg > 1: cond and uncond in one pass of twice the batch
+    main(["--ckpt", student, "--prompt", PROMPTS[0], "--cfg", "2", "--out", str(tmp_path / "c"),
+                 "--quiet"])
+    assert [len(c) for c in calls] == [2] * 4
+
+
+def test_teacher_steps_shift_and_cfg_override(teacher):
+    pipe = sample.load_pipeline(teacher)
+    s = sample.sampling_settings(pipe)
+    assert s["sigmas"] == pytest.approx([1.0, 0.5005, 0.001, 0.0])
+    assert s["cfg"] == 3.0 and s["sampler"] == "euler"
+    s = sample.sampling_settings(pipe, steps=4, shift=3.0, cfg=1.0, sampler="renoise")
+    assert s["sigmas"] == pytest.approx([1.0, 0.85769, 0.60215, 0.00893, 0.0], abs=1e-5)
+    assert s["cfg"] == 1.0 and s["sampler"] == "renoise"
+
+
+def test_cond_file_replaces_the_text_encoder(teacher, tmp_path):
+    pipe = sample.load_pipeline(teacher)
+    enc = sample.encode(pipe, PROMPTS[:2])
+    cond = tmp_path / "cond.safetensors"
+    weights.save_file({"context": enc.context, "pooled": enc.pooled, "uncond_context": enc.uncond_context,
+                       "uncond_pooled": enc.uncond_pooled}, cond)
+    main(["--ckpt", teacher, "--cond", str(cond), "--out", str(tmp_path / "a"), "--quiet"])
+    main(["--ckpt", teacher, *P[:4], "--out", str(tmp_path / "b"), "--quiet"])
+    for i in range(2):
+        a, b = (read_png(tmp_path / d / f"{i:03d}.png") for d in "ab")
+        assert np.abs(a - b).max() <= 1
+
+
+def test_sd3_text_encoder_is_a_clear_error(tmp_path, capsys):
+    path = make_checkpoint(str(tmp_path), {"steps": 2, "cfg": 1.0})
+    meta = weights.load_metadata(path)
+    meta["text_encoder"] = json.dumps({"name": "sd3"})
+    weights.save_file(dict(weights.load_file(path)), path + ".sd3", meta)
+    expect_error(capsys, ["--ckpt", path + ".sd3", "--prompt", PROMPTS[0], "--out", str(tmp_path / "o")],
+                 "not implemented yet", "--cond")
+
+
+def test_missing_vae_names_the_expected_path(tmp_path, capsys):
+    path = make_checkpoint(str(tmp_path), {"steps": 2, "cfg": 1.0})
+    os.remove(tmp_path / "shapes_vae.safetensors")
+    expect_error(capsys, ["--ckpt", path, "--prompt", PROMPTS[0]], str(tmp_path / "shapes_vae.safetensors"))
+
+
+def test_bad_inputs_are_one_line_errors(teacher, tmp_path, capsys):
+    base = ["--ckpt", teacher, "--prompt", PROMPTS[0], "--out", str(tmp_path / "o"), "--quiet"]
+    expect_error(capsys, base + ["--stpes", "3"], "--stpes", "--steps")
+    expect_error(capsys, base + ["--step", "3"], "--step")                  # no abbreviations
+    expect_error(capsys, ["--prompt", PROMPTS[0]], "--ckpt")                 # required
+    expect_error(capsys, base + ["--width", "30"], "30x16", "multiples of 4", "28x16 or 32x16")
+    expect_error(capsys, base + ["--width", "1024"], "from 4 to 64")        # past the positional grid
+    expect_error(capsys, ["--ckpt", str(tmp_path / "nope.safetensors"), "--prompt", PROMPTS[0]],
+                 "nope.safetensors", "no such file")
+    expect_error(capsys, ["--ckpt", str(tmp_path), "--prompt", PROMPTS[0]], "model.safetensors")
+    vae_file = os.path.join(os.path.dirname(teacher), "shapes_vae.safetensors")
+    expect_error(capsys, ["--ckpt", vae_file, "--prompt", PROMPTS[0]], "no MMDiT", "VAE")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    expect_error(capsys, base + ["--init-image", str(tmp_path / "bad.png")], "bad.png")
+    expect_error(capsys, base + ["--init-image", str(tmp_path / "missing.png")], "missing.png")
+    expect_error(capsys, base + ["--strength", "0.5"], "--init-image")
+    expect_error(capsys, ["--ckpt", teacher, "--prompt", "a pink hexagon", "--quiet"],
+                 "'a pink hexagon'", "not in the shapes grammar", "circle")
+    expect_error(capsys, ["--ckpt", teacher, "--quiet"], "no prompts")
+    expect_error(capsys, base + ["--sampler", "heun"], "heun")
+    expect_error(capsys, base[:-3] + ["--out", teacher], "is a file")
+    assert not (tmp_path / "o").exists()  # failed runs write nothing
+
+
+def test_image_helpers(tmp_path):
+    img = torch.linspace(-1, 1, 3 * 8 * 12).view(3, 8, 12)
+    pil = sample.to_pil(img)
+    assert pil.size == (12, 8) and pil.getpixel((0, 0)) == (0, 85, 171)  # -1, -1/3, 1/3
+    assert sample.to_pil(torch.ones(3, 2, 2)).getpixel((1, 1)) == (255, 255, 255)
+    sample.save_png(img, tmp_path / "a.png")
+    torch.testing.assert_close(sample.load_image(tmp_path / "a.png"), img, atol=1 / 127.5, rtol=0)
+    assert sample.load_image(tmp_path / "a.png", 24, 16).shape == (3, 16, 24)
+    assert sample.load_image(tmp_path / "a.png", width=6).shape == (3, 4, 6)  # keeps the aspect
+    sample.save_grid([img, torch.zeros(3, 4, 4), img], tmp_path / "g.png", nrow=3, pad=1)  # mixed sizes
+    assert Image.open(tmp_path / "g.png").size == (1 + 3 * 13, 1 + 9)
+    sample.save_strip([[img, img], [img]], tmp_path / "s.png", labels=["first", "second"])
+    w, h = Image.open(tmp_path / "s.png").size
+    assert h == 2 + 2 * 10 and w > 2 + 2 * 14  # room for the labels
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    with pytest.raises(ValueError, match="one image"):
+        sample.to_pil(img[None])
+
+
+def test_device_and_dtype_choice():
+    assert sample.pick_dtype("auto", "cpu") == torch.float32
+    assert sample.pick_dtype("auto", "cuda") == torch.bfloat16
+    assert sample.pick_device("cpu").type == "cpu"
+    assert sample.pick_device("auto").type in ("cuda", "mps", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            sample.pick_device("cuda")
+    with pytest.raises(ValueError, match="not a device"):
+        sample.pick_device("tpu9")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_matches_cpu(teacher, tmp_path):
+    cpu = sample.load_pipeline(teacher)
+    gpu = sample.load_pipeline(teacher, sample.pick_device("auto"), sample.pick_dtype("auto", "cuda"))
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.bfloat16
+    a = sample.generate(cpu, PROMPTS, 24, 16, seed=5, progress=False)
+    b = sample.generate(gpu, PROMPTS, 24, 16, seed=5, batch_size=2, sampler="renoise", progress=False)
+    c = sample.generate(gpu, PROMPTS, 24, 16, seed=5, batch_size=3, sampler="renoise", progress=False)
+    assert b.device.type == "cpu" and b.dtype == torch.float32
+    torch.testing.assert_close(b, c, atol=0.02, rtol=0)  # bf16 kernels may differ per batch size
+    d = sample.generate(gpu, PROMPTS, 24, 16, seed=5, progress=False)
+    assert (a - d).abs().mean() < 0.05  # same noise, same model, bf16 vs fp32
+    main(["--ckpt", teacher, *P, "--device", "auto", "--trajectory", "--out", str(tmp_path / "o"),
+          "--quiet"])
+    assert Image.open(tmp_path / "o" / "trajectory.png").size == (2 + 3 * 18, 2 + 3 * 18)
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["dtype"] == "bfloat16"

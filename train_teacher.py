@@ -1,0 +1,375 @@
+"""
+Train the shapes world's teacher, in one command: first its tiny VAE, then the tiny MMDiT teacher
+with rectified flow. This is what makes `assets/shapes_vae.safetensors` and
+`assets/shapes_teacher.safetensors`, the models `python train_ladd.py` distils by default.
+
+    python train_teacher.py                    # the recipe of the shipped weights (a GPU)
+    python train_teacher.py --preset quick     # a few minutes on a laptop CPU
+    python train_teacher.py --resume runs/teacher
+
+Phase 1, the VAE: scenes rendered on the fly, L1 reconstruction + a small KL term; then the
+latents' mean and standard deviation are measured and stored as its shift and scale, so the
+teacher sees latents of unit variance.
+Phase 2, the teacher: x_t = (1 - t) x0 + t eps with t ~ logit-normal, the MMDiT regresses the
+velocity eps - x0; captions are dropped (replaced by "") 10 % of the time so classifier-free
+guidance works; each batch is one aspect-ratio bucket; an EMA of the weights is what is saved.
+Every step's data and noise are a pure function of (seed, step), so a resumed run continues
+exactly where it stopped.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import flow
+import mmdit
+import shapes
+import vae as vae_lib
+import weights
+from sample import Pipeline, generate, pick_device, pick_dtype, save_grid
+
+
+@dataclass
+class Config:
+    out: str = "runs/teacher"          # run folder: checkpoints, log.jsonl, sample grids
+    resume: str = ""                   # a run folder to continue
+    preset: str = "default"            # default | quick (a few CPU minutes) | test (seconds)
+    seed: int = 0                      # data, noise and init all derive from it
+    device: str = "auto"               # auto: cuda, then mps, then cpu
+    dtype: str = "auto"                # autocast dtype: auto = bf16 on CUDA, fp32 elsewhere
+    workers: int = -1                  # data-rendering processes; -1 = auto (0 on CPU)
+    # phase 1: VAE
+    vae_config: str = "tiny"           # vae.CONFIGS name (x4, 4 latent channels)
+    vae_steps: int = 3000              # VAE training steps (0: reuse <out>/vae.safetensors)
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6            # small: the latent is rescaled afterwards anyway
+    # phase 2: teacher
+    model_config: str = "shapes"       # mmdit.CONFIGS name
+    steps: int = 30000                 # teacher training steps
+    batch_size: int = 256
+    lr: float = 5e-4                   # AdamW, linear warm-up then constant
+    warmup: int = 500
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema: float = 0.999                 # EMA decay of the saved weights
+    caption_dropout: float = 0.1       # share of "" captions (unconditional, for CFG)
+    t_mean: float = 0.0                # logit-normal(t_mean, t_std) training times (SD3's)
+    t_std: float = 1.0
+    max_minutes: float = 0.0           # stop the teacher phase after this wall time (0: no limit)
+    # sampling defaults stored in the checkpoint (what sample.py uses)
+    sample_steps: int = 28
+    sample_cfg: float = 4.0
+    sample_shift: float = 1.0
+    # bookkeeping
+    log_every: int = 50
+    sample_every: int = 2000           # preview grid (EMA weights, default sampler)
+    ckpt_every: int = 1000             # resumable training state
+    judge_n: int = 256                 # captions judged at the end (0: skip)
+    export: str = ""                   # also write fp16 shapes_vae/shapes_teacher.safetensors here
+
+
+PRESETS = {
+    "default": {},
+    "quick": dict(vae_steps=400, vae_batch=32, steps=1500, batch_size=32, lr=1e-3, warmup=100,
+                  ema=0.99, sample_every=500, ckpt_every=500, judge_n=64, log_every=25),
+    "test": dict(vae_config="test", vae_steps=3, vae_batch=4, model_config="test", steps=4,
+                 batch_size=4, warmup=1, sample_every=0, ckpt_every=2, judge_n=4, log_every=1,
+                 sample_steps=2),
+}
+
+TEXT_ENCODER = {"name": "shapes", "dim": 64, "pooled_dim": 64, "seed": 0}
+
+
+def parse_args(argv):
+    """The CLI is generated from Config; a preset fills in what the command line leaves out."""
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                       help=f" (default: {f.default})")
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    preset = given.get("preset", "default")
+    if preset not in PRESETS:
+        p.error(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    return Config(**{**PRESETS[preset], **given})
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+class SceneStream(torch.utils.data.IterableDataset):
+    """shapes.batches from a given step on, split over worker processes in step order."""
+    def __init__(self, batch_size, seed, start_step):
+        self.batch_size, self.seed, self.start = batch_size, seed, start_step
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info else (0, 1)
+        stream = shapes.batches(self.batch_size, seed=self.seed, start_step=self.start + wid)
+        for i, batch in enumerate(stream):
+            if i % n == 0:  # worker k renders steps k, k + n, ...; the loader interleaves them
+                yield batch[0], batch[1]
+
+
+def scene_loader(batch_size, seed, start_step, workers):
+    return iter(torch.utils.data.DataLoader(
+        SceneStream(batch_size, seed, start_step), batch_size=None, num_workers=workers,
+        collate_fn=lambda b: b, prefetch_factor=4 if workers else None,
+        persistent_workers=False))
+
+
+def step_generator(seed, step, device):
+    """Noise and timesteps of a step are drawn from a generator seeded by (seed, step)."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+# ----------------------------------------------------------------------------------------------
+# phase 1: the VAE
+
+
+def vae_loss(model, images, generator, kl_weight):
+    moments = model.encoder(images)                                # [B, 2z, h, w]
+    mean, logvar = moments.chunk(2, dim=1)
+    logvar = logvar.clamp(-30, 20)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    recon = model.decoder(mean + torch.exp(0.5 * logvar) * eps)    # [B, 3, H, W]
+    kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+    return F.l1_loss(recon, images) + kl_weight * kl
+
+
+def train_vae(cfg, device, amp, workers, log):
+    torch.manual_seed(cfg.seed)
+    model = vae_lib.VAE(cfg.vae_config).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.vae_lr)
+    data = scene_loader(cfg.vae_batch, cfg.seed + 1, 0, workers)
+    bar = tqdm(range(cfg.vae_steps), desc="vae", dynamic_ncols=True)
+    for step in bar:
+        images = next(data)[0].to(device)
+        lr = cfg.vae_lr * min(1.0, (step + 1) / 100) * (0.1 if step > 0.8 * cfg.vae_steps else 1)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+            loss = vae_loss(model, images, step_generator(cfg.seed, step, device), cfg.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.log_every == 0:
+            log({"phase": "vae", "step": step, "loss": loss.item()})
+    # measure the latent statistics and store them as shift and scale
+    model.eval()
+    with torch.no_grad():
+        probe = torch.cat([model.encoder(next(data)[0].to(device)).chunk(2, dim=1)[0].flatten()
+                           for _ in range(8)])  # latent means of 8 batches, any sizes
+    model.config.shift = probe.mean().item()
+    model.config.scale = 1.0 / probe.std().item()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# phase 2: the teacher
+
+
+def flow_loss(model, x0, context, pooled, generator, t_mean, t_std):
+    """Rectified flow: regress the velocity eps - x0 at a logit-normal time."""
+    t = flow.sample_t_logit_normal(x0.shape[0], t_mean, t_std, generator, x0.device)  # [B]
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    x_t = flow.add_noise(x0, noise, t)                                                 # [B, C, H, W]
+    v = model(x_t, t, context, pooled)
+    return F.mse_loss(v.float(), flow.velocity_target(x0, noise))
+
+
+def drop_captions(captions, p, generator):
+    keep = torch.rand(len(captions), generator=generator, device=generator.device) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def checkpoint_metadata(cfg, vae_file, extra=None):
+    meta = {
+        "text_encoder": json.dumps(TEXT_ENCODER),
+        "vae": vae_file,
+        "sampler": json.dumps({"steps": cfg.sample_steps, "cfg": cfg.sample_cfg,
+                               "shift": cfg.sample_shift, "sampler": "euler"}),
+        "sizes": json.dumps([list(s) for s in shapes.SIZES.values()]),
+        "command": "python train_teacher.py " + " ".join(sys.argv[1:]),
+        "train_config": json.dumps(asdict(cfg)),
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def save_teacher(cfg, ema, step, extra=None):
+    ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"),
+                        checkpoint_metadata(cfg, "vae.safetensors",
+                                            {"train_steps": str(step), **(extra or {})}))
+
+
+def preview(pipe, path, seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    captions = [shapes.random_caption(int(torch.randint(2**31, (1,), generator=rng)))
+                for _ in range(8)]
+    images = generate(pipe, captions, 64, 64, seed=seed, progress=False)
+    save_grid(images, path, nrow=4)
+
+
+def train(cfg):
+    device = pick_device(cfg.device)
+    amp = pick_dtype(cfg.dtype, device)
+    workers = cfg.workers if cfg.workers >= 0 else (0 if device.type == "cpu" else
+                                                     min(8, max(1, (os.cpu_count() or 2) - 2)))
+    os.makedirs(cfg.out, exist_ok=True)
+    state_path = os.path.join(cfg.out, "state.safetensors")
+    state = weights.load_state(state_path) if cfg.resume else None
+    logf = open(os.path.join(cfg.out, "log.jsonl"), "a")
+
+    def log(record):
+        logf.write(json.dumps(record) + "\n")
+        logf.flush()
+
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+
+    # phase 1 (skipped when the run already has its VAE)
+    vae_path = os.path.join(cfg.out, "vae.safetensors")
+    if os.path.isfile(vae_path) and (cfg.resume or cfg.vae_steps == 0):
+        vae = vae_lib.VAE.from_pretrained(vae_path, device=device)
+    else:
+        vae = train_vae(cfg, device, amp, workers, log)
+        vae.save_pretrained(vae_path, {"command": "python train_teacher.py " + " ".join(sys.argv[1:]),
+                                       "train_steps": str(cfg.vae_steps)})
+    vae.eval().requires_grad_(False)
+    print(f"vae: {vae_path} (latent shift {vae.config.shift:.4f}, scale {vae.config.scale:.4f})")
+
+    # phase 2
+    text_encoder = shapes.ShapesTextEncoder(TEXT_ENCODER["dim"], TEXT_ENCODER["pooled_dim"],
+                                            TEXT_ENCODER["seed"]).to(device)
+    base = mmdit.CONFIGS[cfg.model_config]
+    tokens = max(max(s) for s in shapes.SIZES.values()) // (vae.config.factor * base.patch_size)
+    mcfg = dataclasses.replace(base, in_channels=vae.config.z_channels,
+                               pos_embed_max_size=max(base.pos_embed_max_size, tokens),
+                               out_channels=vae.config.z_channels,
+                               context_dim=text_encoder.context_dim,
+                               pooled_dim=text_encoder.pooled_dim)
+    torch.manual_seed(cfg.seed)
+    model = mmdit.MMDiT(mcfg).to(device)
+    ema = mmdit.MMDiT(mcfg).to(device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.99))
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        print(f"resumed {cfg.out} at step {start}")
+    print(f"teacher: {mmdit.count_params(model) / 1e6:.1f}M params, {cfg.steps} steps of "
+          f"{cfg.batch_size} on {device} ({amp}), {workers} data workers")
+    pipe = Pipeline(model=ema, text_encoder=text_encoder, vae=vae,
+                    defaults={"steps": cfg.sample_steps, "cfg": cfg.sample_cfg,
+                              "shift": cfg.sample_shift, "sampler": "euler"},
+                    sizes=list(shapes.SIZES.values()), path=cfg.out)
+
+    def save_state(step):
+        weights.save_state({"model": model.state_dict(), "ema": ema.state_dict(),
+                            "optimizer": opt.state_dict(), "step": step}, state_path)
+        save_teacher(cfg, ema, step)
+
+    data = scene_loader(cfg.batch_size, cfg.seed, start, workers)
+    t0, seen, step = time.time(), 0, start
+    bar = tqdm(range(start, cfg.steps), desc="teacher", initial=start, total=cfg.steps,
+               dynamic_ncols=True)
+    for step in bar:
+        images, captions = next(data)
+        g = step_generator(cfg.seed, step, device)
+        with torch.no_grad():
+            x0 = vae.encode(images.to(device))                          # [B, z, h, w]
+            context, pooled = text_encoder.encode(drop_captions(captions, cfg.caption_dropout, g))
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+            loss = flow_loss(model, x0, context, pooled, g, cfg.t_mean, cfg.t_std)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if torch.isfinite(gnorm):
+            opt.step()
+            ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
+        seen += len(captions)
+        if step % cfg.log_every == 0:
+            rate = seen / (time.time() - t0)
+            log({"phase": "teacher", "step": step, "loss": loss.item(), "grad_norm": gnorm.item(),
+                 "lr": lr, "samples_per_s": rate})
+            bar.set_postfix(loss=f"{loss.item():.4f}", sps=f"{rate:.0f}")
+        if cfg.sample_every and step % cfg.sample_every == 0 and step > start:
+            preview(pipe, os.path.join(cfg.out, f"samples_{step:06d}.png"))
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+            save_state(step + 1)
+        if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes:
+            print(f"stopping after {cfg.max_minutes} minutes at step {step + 1}")
+            break
+    step = step + 1 if cfg.steps > start else start
+    save_state(step)
+    preview(pipe, os.path.join(cfg.out, "samples_final.png"))
+    extra = {"train_minutes": f"{(time.time() - t0) / 60:.1f}", "samples_seen": str(seen)}
+    if cfg.judge_n:
+        from evaluate import judge_pipeline
+        scores = judge_pipeline(pipe, cfg.judge_n, seed=1234, progress=True)
+        print("judge:", json.dumps(scores))
+        log({"phase": "judge", "step": step, **scores})
+        extra["judge"] = json.dumps(scores)
+    save_teacher(cfg, ema, step, extra)
+    print(f"teacher: {os.path.join(cfg.out, 'model.safetensors')}")
+    if cfg.export:
+        export(cfg, vae, ema, step, extra)
+    return ema
+
+
+def export(cfg, vae, ema, step, extra):
+    """The shipped form: fp16 copies (half the size; loaders convert back to fp32 on the CPU)."""
+    os.makedirs(cfg.export, exist_ok=True)
+    vae_meta = weights.load_metadata(os.path.join(cfg.out, "vae.safetensors"))
+    vae_meta.pop("config", None)
+    half_vae = vae_lib.VAE(vae.config).to(torch.float16)
+    half_vae.load_state_dict(vae.state_dict())
+    half_vae.save_pretrained(os.path.join(cfg.export, "shapes_vae.safetensors"), vae_meta)
+    half = mmdit.MMDiT(ema.config).to(torch.float16)
+    half.load_state_dict(ema.state_dict())
+    half.save_pretrained(os.path.join(cfg.export, "shapes_teacher.safetensors"),
+                         checkpoint_metadata(cfg, "shapes_vae.safetensors",
+                                             {"train_steps": str(step), **extra}))
+    print(f"exported {cfg.export}/shapes_teacher.safetensors and shapes_vae.safetensors")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg.resume:
+        with open(os.path.join(cfg.resume, "config.json")) as f:
+            saved = json.load(f)
+        cfg = Config(**{**saved, "resume": cfg.resume, "out": cfg.resume,
+                        "max_minutes": cfg.max_minutes})
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
