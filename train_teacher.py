@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -48,11 +49,13 @@ class Config:
     dtype: str = "auto"                # autocast dtype: auto = bf16 on CUDA, fp32 elsewhere
     workers: int = -1                  # data-rendering processes; -1 = auto (0 on CPU)
     # phase 1: VAE
-    vae_config: str = "tiny"           # vae.CONFIGS name (x4, 4 latent channels)
-    vae_steps: int = 3000              # VAE training steps (0: reuse <out>/vae.safetensors)
+    vae: str = ""                      # use this VAE file instead of training one (skips phase 1)
+    vae_config: str = "shapes"         # vae.CONFIGS name (x4, 4 latent channels)
+    vae_steps: int = 4000              # VAE training steps
     vae_batch: int = 64
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6            # small: the latent is rescaled afterwards anyway
+    vae_max_minutes: float = 0.0       # stop the VAE phase after this wall time (0: no limit)
     # phase 2: teacher
     model_config: str = "shapes"       # mmdit.CONFIGS name
     steps: int = 30000                 # teacher training steps
@@ -80,8 +83,9 @@ class Config:
 
 PRESETS = {
     "default": {},
-    "quick": dict(vae_steps=400, vae_batch=32, steps=1500, batch_size=32, lr=1e-3, warmup=100,
-                  ema=0.99, sample_every=500, ckpt_every=500, judge_n=64, log_every=25),
+    "quick": dict(vae="assets/shapes_vae.safetensors", steps=1500, batch_size=32, lr=1e-3,
+                  warmup=100, ema=0.99, sample_every=500, ckpt_every=500, judge_n=64,
+                  log_every=25),
     "test": dict(vae_config="test", vae_steps=3, vae_batch=4, model_config="test", steps=4,
                  batch_size=4, warmup=1, sample_every=0, ckpt_every=2, judge_n=4, log_every=1,
                  sample_steps=2),
@@ -91,19 +95,28 @@ TEXT_ENCODER = {"name": "shapes", "dim": 64, "pooled_dim": 64, "seed": 0}
 
 
 def parse_args(argv):
-    """The CLI is generated from Config; a preset fills in what the command line leaves out."""
+    """The CLI is generated from Config. Returns only the options given on the command line;
+    `make_config` adds the preset (or, with --resume, the run's saved config) under them."""
     import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     for f in dataclasses.fields(Config):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
-                       help=f" (default: {f.default})")
-    args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    preset = given.get("preset", "default")
-    if preset not in PRESETS:
-        p.error(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    return Config(**{**PRESETS[preset], **given})
+                       help=f"(default: {f.default})")
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    if given.get("preset", "default") not in PRESETS:
+        p.error(f"--preset {given['preset']!r}: choose one of {', '.join(PRESETS)}")
+    return given
+
+
+def make_config(given):
+    if given.get("resume"):
+        path = os.path.join(given["resume"], "config.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --resume {given['resume']}: no config.json there; pass a "
+                             "run folder made by train_teacher.py")
+        with open(path) as f:
+            return Config(**{**json.load(f), **given, "out": given["resume"]})
+    return Config(**{**PRESETS[given.get("preset", "default")], **given})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,6 +169,7 @@ def train_vae(cfg, device, amp, workers, log):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.vae_lr)
     data = scene_loader(cfg.vae_batch, cfg.seed + 1, 0, workers)
     bar = tqdm(range(cfg.vae_steps), desc="vae", dynamic_ncols=True)
+    t0 = time.time()
     for step in bar:
         images = next(data)[0].to(device)
         lr = cfg.vae_lr * min(1.0, (step + 1) / 100) * (0.1 if step > 0.8 * cfg.vae_steps else 1)
@@ -169,6 +183,9 @@ def train_vae(cfg, device, amp, workers, log):
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.log_every == 0:
             log({"phase": "vae", "step": step, "loss": loss.item()})
+        if cfg.vae_max_minutes and time.time() - t0 > 60 * cfg.vae_max_minutes:
+            print(f"vae: stopping after {cfg.vae_max_minutes} minutes at step {step + 1}")
+            break
     # measure the latent statistics and store them as shift and scale
     model.eval()
     with torch.no_grad():
@@ -177,6 +194,20 @@ def train_vae(cfg, device, amp, workers, log):
     model.config.shift = probe.mean().item()
     model.config.scale = 1.0 / probe.std().item()
     return model
+
+
+@torch.no_grad()
+def judge_reconstructions(vae, n, seed, device):
+    """The judge on VAE round trips of clean renders: the ceiling for any model on this latent."""
+    rng = np.random.default_rng(seed)
+    totals = {}
+    for k, (w, h) in enumerate(shapes.SIZES.values()):
+        captions = [shapes.random_caption(rng) for _ in range(n // len(shapes.SIZES))]
+        images = shapes.render_batch(captions, w, h, seed=seed + k)
+        recon = vae.decode(vae.encode(images.to(device))).float().cpu()
+        for key, v in shapes.judge_batch(recon, captions).items():
+            totals[key] = totals.get(key, 0) + v / len(shapes.SIZES)
+    return {k: round(v, 4) for k, v in totals.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +269,7 @@ def train(cfg):
                                                      min(8, max(1, (os.cpu_count() or 2) - 2)))
     os.makedirs(cfg.out, exist_ok=True)
     state_path = os.path.join(cfg.out, "state.safetensors")
-    state = weights.load_state(state_path) if cfg.resume else None
+    state = weights.load_state(state_path) if cfg.resume and os.path.isfile(state_path) else None
     logf = open(os.path.join(cfg.out, "log.jsonl"), "a")
 
     def log(record):
@@ -250,12 +281,20 @@ def train(cfg):
 
     # phase 1 (skipped when the run already has its VAE)
     vae_path = os.path.join(cfg.out, "vae.safetensors")
-    if os.path.isfile(vae_path) and (cfg.resume or cfg.vae_steps == 0):
-        vae = vae_lib.VAE.from_pretrained(vae_path, device=device)
+    if cfg.vae and not cfg.resume:
+        if not os.path.isfile(cfg.vae):
+            raise SystemExit(f"error: --vae {cfg.vae}: no such file; train one (leave --vae "
+                             "empty) or pass the shipped assets/shapes_vae.safetensors")
+        vae_lib.VAE.from_pretrained(cfg.vae).save_pretrained(vae_path, weights.load_metadata(cfg.vae))
+    if os.path.isfile(vae_path) and (cfg.resume or cfg.vae):
+        vae = vae_lib.VAE.from_pretrained(vae_path, device=device, dtype=torch.float32)
     else:
-        vae = train_vae(cfg, device, amp, workers, log)
+        vae = train_vae(cfg, device, amp, workers, log).eval().requires_grad_(False)
+        recon = judge_reconstructions(vae, cfg.judge_n, 99, device) if cfg.judge_n else {}
+        print("vae reconstructions judged:", json.dumps(recon))
+        log({"phase": "vae_judge", **recon})
         vae.save_pretrained(vae_path, {"command": "python train_teacher.py " + " ".join(sys.argv[1:]),
-                                       "train_steps": str(cfg.vae_steps)})
+                                       "judge_reconstruction": json.dumps(recon)})
     vae.eval().requires_grad_(False)
     print(f"vae: {vae_path} (latent shift {vae.config.shift:.4f}, scale {vae.config.scale:.4f})")
 
@@ -362,13 +401,7 @@ def export(cfg, vae, ema, step, extra):
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    if cfg.resume:
-        with open(os.path.join(cfg.resume, "config.json")) as f:
-            saved = json.load(f)
-        cfg = Config(**{**saved, "resume": cfg.resume, "out": cfg.resume,
-                        "max_minutes": cfg.max_minutes})
-    train(cfg)
+    return train(make_config(parse_args(argv)))
 
 
 if __name__ == "__main__":

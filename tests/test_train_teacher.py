@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+
+import flow
+import mmdit
+import train_teacher
+import weights
+from sample import load_pipeline
+
+FAST = ["--preset", "test", "--judge-n", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    train_teacher.main(FAST + ["--out", str(out), "--judge-n", "3"])
+    return out
+
+
+def test_one_command_makes_a_sampleable_teacher(run):
+    for name in ("vae.safetensors", "model.safetensors", "state.safetensors", "log.jsonl",
+                 "config.json", "samples_final.png"):
+        assert (run / name).is_file(), name
+    pipe = load_pipeline(str(run), torch.device("cpu"), torch.float32)
+    meta = pipe.metadata
+    assert json.loads(meta["sampler"])["steps"] == 2 and json.loads(meta["text_encoder"])["name"] == "shapes"
+    assert set(json.loads(meta["judge"])) >= {"all_correct", "purity", "shapes"}
+    vae_meta = json.loads(weights.load_metadata(run / "vae.safetensors")["config"])
+    assert vae_meta["scale"] != 1.0 and vae_meta["shift"] != 0.0   # measured, not the defaults
+    logs = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert {r["phase"] for r in logs} == {"vae", "vae_judge", "teacher", "judge"}
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train_teacher.main(FAST + ["--out", str(whole), "--steps", "4"])
+    train_teacher.main(FAST + ["--out", str(part), "--steps", "2"])
+    assert weights.load_state(part / "state.safetensors")["step"] == 2
+    train_teacher.main(["--resume", str(part), "--steps", "4"])
+    a, b = (weights.load_state(p / "state.safetensors") for p in (whole, part))
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_training_lowers_the_flow_loss():
+    """The tiny teacher, trained for a few dozen steps on fixed latents, beats its own init."""
+    torch.manual_seed(0)
+    cfg = mmdit.CONFIGS["test"]
+    model = mmdit.MMDiT(cfg)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(16, cfg.in_channels, 4, 4, generator=g).sign()       # a few sharp "latents"
+    ctx, pooled = torch.randn(16, 3, cfg.context_dim), torch.randn(16, cfg.pooled_dim)
+
+    def loss():
+        return train_teacher.flow_loss(model, x0, ctx, pooled, torch.Generator().manual_seed(1), 0.0, 1.0)
+
+    with torch.no_grad():
+        before = loss().item()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(60):
+        opt.zero_grad()
+        train_teacher.flow_loss(model, x0, ctx, pooled, torch.Generator().manual_seed(step + 2),
+                                0.0, 1.0).backward()
+        opt.step()
+    with torch.no_grad():
+        assert loss().item() < 0.8 * before
+
+
+def test_bad_options_fail_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_teacher.main(["--stepz", "3"])
+    with pytest.raises(SystemExit):
+        train_teacher.main(["--preset", "huge"])
+    with pytest.raises(SystemExit, match="no config.json"):
+        train_teacher.main(["--resume", str(tmp_path / "nothing")])
