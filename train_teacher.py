@@ -51,16 +51,16 @@ class Config:
     # phase 1: VAE
     vae: str = ""                      # use this VAE file instead of training one (skips phase 1)
     vae_config: str = "shapes"         # vae.CONFIGS name (x4, 4 latent channels)
-    vae_steps: int = 4000              # VAE training steps
-    vae_batch: int = 64
+    vae_steps: int = 3000              # VAE training steps
+    vae_batch: int = 128
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6            # small: the latent is rescaled afterwards anyway
     vae_max_minutes: float = 0.0       # stop the VAE phase after this wall time (0: no limit)
     # phase 2: teacher
     model_config: str = "shapes"       # mmdit.CONFIGS name
-    steps: int = 30000                 # teacher training steps
+    steps: int = 7000                  # teacher training steps
     batch_size: int = 256
-    lr: float = 5e-4                   # AdamW, linear warm-up then constant
+    lr: float = 6e-4                   # AdamW, linear warm-up then constant
     warmup: int = 500
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -83,8 +83,8 @@ class Config:
 
 PRESETS = {
     "default": {},
-    "quick": dict(vae="assets/shapes_vae.safetensors", steps=1500, batch_size=32, lr=1e-3,
-                  warmup=100, ema=0.99, sample_every=500, ckpt_every=500, judge_n=64,
+    "quick": dict(vae="assets/shapes_vae.safetensors", steps=900, batch_size=32, lr=1e-3,
+                  warmup=100, ema=0.99, sample_every=300, ckpt_every=300, judge_n=64,
                   log_every=25),
     "test": dict(vae_config="test", vae_steps=3, vae_batch=4, model_config="test", steps=4,
                  batch_size=4, warmup=1, sample_every=0, ckpt_every=2, judge_n=4, log_every=1,
@@ -180,9 +180,9 @@ def train_vae(cfg, device, amp, workers, log):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.log_every == 0:
             log({"phase": "vae", "step": step, "loss": loss.item()})
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if cfg.vae_max_minutes and time.time() - t0 > 60 * cfg.vae_max_minutes:
             print(f"vae: stopping after {cfg.vae_max_minutes} minutes at step {step + 1}")
             break
@@ -359,7 +359,7 @@ def train(cfg):
             rate = seen / (time.time() - t0)
             log({"phase": "teacher", "step": step, "loss": loss.item(), "grad_norm": gnorm.item(),
                  "lr": lr, "samples_per_s": rate})
-            bar.set_postfix(loss=f"{loss.item():.4f}", sps=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", sps=f"{rate:.0f}", refresh=False)
         if cfg.sample_every and step % cfg.sample_every == 0 and step > start:
             preview(pipe, os.path.join(cfg.out, f"samples_{step:06d}.png"))
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
