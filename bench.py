@@ -56,7 +56,7 @@ def bench_vae(args):
     rows = [("untiled", run_case(args, 0)), (f"tiled {args.tile}", run_case(args, args.tile))]
     dev = rows[0][1]["device"] + " " + rows[0][1]["dtype"]
     print(f"VAE decode, config {args.config}, {args.size}x{args.size} px, {dev}")
-    print(f"| mode | peak memory (MiB) | seconds |\n|---|---|---|")
+    print("| mode | peak memory (MiB) | seconds |\n|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r['peak_bytes'] / 2**20:.0f} | {r['seconds']:.2f} |")
     a, b = rows[0][1], rows[1][1]

@@ -19,7 +19,7 @@ v = noise - x0, same shape as x.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -407,26 +406,10 @@ def load_image(path, width=None, height=None):
     return arr.permute(2, 0, 1).float() / 127.5 - 1  # [3, H, W]
 
 
-def _atomic_write(path, write):
-    """write(file object) into a temporary file next to `path`, then rename over it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_png(image, path):
     """One image ([3, H, W] in [-1, 1], or PIL) -> a PNG file, atomically."""
     im = image if isinstance(image, Image.Image) else to_pil(image)
-    _atomic_write(path, lambda f: im.save(f, format="PNG"))
+    weights.atomic_write(path, lambda f: im.save(f, format="PNG"))
 
 
 def _compose(rows, pad=2, labels=None):
@@ -565,14 +548,14 @@ def run(c):
         paths.append(os.path.join(c.out, "trajectory.png"))
         save_strip([[f[i] for f in frames] for i in range(len(images))], paths[-1])
     labels = prompts or [f"cond {i}" for i in range(len(images))]
-    _atomic_write(os.path.join(c.out, "prompts.txt"), lambda f: f.write(
+    weights.atomic_write(os.path.join(c.out, "prompts.txt"), lambda f: f.write(
         "".join(f"{i:03d}.png\t{p}\n" for i, p in enumerate(labels)).encode()))
     s = sampling_settings(pipe, c.steps, c.cfg, c.shift, c.sampler)
     if init is not None:  # the sigmas actually run
         s["sigmas"] = flow.img2img_sigmas(s["sigmas"], strength)
     resolved = {**dataclasses.asdict(c), **s, "width": width, "height": height, "strength": strength,
                 "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
-    _atomic_write(os.path.join(c.out, "config.json"),
+    weights.atomic_write(os.path.join(c.out, "config.json"),
                   lambda f: f.write(json.dumps(resolved, indent=2).encode()))
     if not c.quiet:
         names = ", ".join(["000.png" + (f" ... {len(images) - 1:03d}.png" if len(images) > 1 else ""),

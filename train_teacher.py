@@ -19,12 +19,10 @@ exactly where it stopped.
 
 import dataclasses
 import json
-import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -276,8 +274,8 @@ def train(cfg):
         logf.write(json.dumps(record) + "\n")
         logf.flush()
 
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
+    weights.atomic_write(os.path.join(cfg.out, "config.json"),
+                         lambda f: f.write(json.dumps(asdict(cfg), indent=1).encode()))
 
     # phase 1 (skipped when the run already has its VAE)
     vae_path = os.path.join(cfg.out, "vae.safetensors")

@@ -178,7 +178,6 @@ def load_metadata(path):
 def save_file(tensors, path, metadata=None):
     """Write {name: Tensor} as safetensors, atomically (a temporary file, then a rename), with
     optional {str: str} metadata. Tensors are written contiguous and little-endian."""
-    path = os.fspath(path)
     metadata = metadata or {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("save_file: metadata must map strings to strings (json.dumps values)")
@@ -199,17 +198,27 @@ def save_file(tensors, path, metadata=None):
         pos += flat.nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # pad so the data part starts 8-byte aligned
+
+    def write(f):
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for a in arrays:
+            f.write(memoryview(a))
+    atomic_write(path, write)
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file beside `path`, then rename it over `path`: a reader sees
+    the old file or the new one, never half of one, and a failure leaves nothing behind."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
-            f.write(len(text).to_bytes(8, "little"))
-            f.write(text)
-            for a in arrays:
-                f.write(memoryview(a))
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-import flow
 import mmdit
 import train_teacher
 import weights
