@@ -203,14 +203,15 @@ def render_batch(captions, width: int, height: int, seed: int = 0) -> torch.Tens
     return torch.stack(images)  # [B, 3, H, W]
 
 
-def batches(batch_size: int, sizes=SIZES, seed: int = 0, start_step: int = 0):
+def batches(batch_size: int, sizes=SIZES, seed: int = 0, start_step: int = 0, stride: int = 1):
     """Endless (images [B, 3, H, W], captions, (width, height)), one aspect bucket per batch.
-    Step k is a pure function of (seed, k), so training resumes mid-stream with start_step=k."""
+    Step k is a pure function of (seed, k), so training resumes mid-stream with start_step=k,
+    and n data workers can share the stream: worker i renders steps i, i + n, ... (stride=n)."""
     buckets = [tuple(s) for s in (sizes.values() if isinstance(sizes, dict) else sizes)]
     if batch_size < 1 or not buckets:
         raise ValueError(f"batches needs batch_size >= 1 and at least one (width, height) size, "
                          f"got batch_size={batch_size}, sizes={sizes!r}")
-    for step in itertools.count(start_step):
+    for step in itertools.count(start_step, stride):
         rng = np.random.default_rng([seed, step])
         width, height = buckets[rng.integers(len(buckets))]
         captions = [random_caption(rng) for _ in range(batch_size)]

@@ -129,10 +129,10 @@ class SceneStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, n = (info.id, info.num_workers) if info else (0, 1)
-        stream = shapes.batches(self.batch_size, seed=self.seed, start_step=self.start + wid)
-        for i, batch in enumerate(stream):
-            if i % n == 0:  # worker k renders steps k, k + n, ...; the loader interleaves them
-                yield batch[0], batch[1]
+        # worker k renders steps start + k, start + k + n, ...; the loader interleaves them
+        for images, captions, _ in shapes.batches(self.batch_size, seed=self.seed,
+                                                  start_step=self.start + wid, stride=n):
+            yield images, captions
 
 
 def scene_loader(batch_size, seed, start_step, workers):

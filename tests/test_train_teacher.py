@@ -75,3 +75,12 @@ def test_bad_options_fail_before_training(tmp_path, capsys):
         train_teacher.main(["--preset", "huge"])
     with pytest.raises(SystemExit, match="no config.json"):
         train_teacher.main(["--resume", str(tmp_path / "nothing")])
+
+
+def test_data_workers_share_the_stream_in_step_order():
+    """Two worker processes give exactly the batches of one process, each rendered once."""
+    one = train_teacher.scene_loader(2, 5, 3, workers=0)
+    two = train_teacher.scene_loader(2, 5, 3, workers=2)
+    for _ in range(4):
+        (a, ca), (b, cb) = next(one), next(two)
+        assert ca == cb and torch.equal(a, b)
