@@ -1,6 +1,6 @@
 """Rectified flow: noising, timestep densities, the SD3 shifted schedule, CFG and the sampler.
 
-Conventions (DESIGN.md): t in [0, 1], t = 1 is pure noise.
+Conventions: t in [0, 1], t = 1 is pure noise.
     x_t = (1 - t) * x0 + t * eps        the model predicts  v = eps - x0
     x0_hat = x_t - t * v                eps_hat = x_t + (1 - t) * v
 A model is any callable  model(x [B,C,H,W], t [B] in [0,1], context [B,L,Dc], pooled [B,Dp]) -> v.

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 # -----------------------------------------------------------------------------
-# the world (DESIGN.md, "The shapes world"); evaluation depends on these values
+# the world, exactly; evaluation (the judge) depends on these values
 
 PALETTE = {
     "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 210, 40), "green": (40, 170, 70),

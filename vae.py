@@ -6,7 +6,7 @@ The SD3 VAE: an LDM-style AutoencoderKL with 16 latent channels, written from sc
     model-space latent = (vae latent - shift) * scale        (SD3: shift 0.0609, scale 1.5305)
     model-space latent --(/scale + shift)--> decoder --> image [B,3,H,W], clamped to [-1,1]
 
-Module names equal the SD3 checkpoint keys minus `first_stage_model.` (reference/sd3_spec.md §2),
+Module names equal the SD3 checkpoint keys minus `first_stage_model.`,
 so loading is a strict state-dict load and saving writes the original names back.
 
     encoder: conv_in -> down.0 ... down.{n-1} (res blocks, then a stride-2 conv except the last)
@@ -479,7 +479,7 @@ class VAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# diffusers naming (reference/sd3_spec.md §5)
+# diffusers naming
 
 # (original, diffusers) name pieces; {L} level, {j} block, {R} decoder level (diffusers: n-1-L)
 DIFFUSERS_NAMES = [
