@@ -1,63 +1,251 @@
 """
-Judge a text-to-image model of the shapes world: generate images for random captions at the
-world's aspect ratios and score each against its caption with shapes.judge (no learned model).
+Evaluate text-to-image checkpoints of the shapes world side by side: generate images for random
+captions at the world's aspect ratios, score each against its caption with shapes.judge (no
+learned model), measure a distribution distance to rendered images, and time the sampling.
 
     python evaluate.py --ckpt assets/shapes_teacher.safetensors
-    python evaluate.py --ckpt assets/shapes_teacher.safetensors --steps 4 --n 256
+    python evaluate.py --ckpt runs/teacher --ckpt runs/teacher --ckpt runs/student \
+        --steps 28 --steps 4 --steps 1 --n 256 --out eval/
+
+Each --ckpt is one row; --steps, --cfg, --sampler and --shift are given once (for every row) or
+once per --ckpt (the i-th for the i-th row), so one checkpoint can be compared with itself at
+different settings. Writes into --out: results.json (resolved config and one entry per row),
+results.md (a markdown table) and grid.png (a row per configuration: the first 8 captions, the
+same noise seeds in every row).
+
+Columns: the judge's scores (background, colors, shapes, relation, all_correct, purity); fd, a
+Fréchet distance to rendered images of the same captions (see `features`); nfe, network
+evaluations per image (steps, twice that with classifier-free guidance); images/s and s/image,
+timed around generation only (judging and rendering excluded).
 """
 
-import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch.nn.functional as F
 
+import flow
 import shapes
-from sample import generate, load_pipeline, pick_device, pick_dtype
+import weights
+from sample import (check_size, generate, load_pipeline, one_line, pick_device, pick_dtype,
+                    sampling_settings, save_strip, parse_config)
 
 
-def judge_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **overrides):
-    """Mean judge scores of `n` captions (drawn from `seed`) split evenly over `sizes` (default:
-    the checkpoint's sizes). `overrides`: steps, cfg, shift, sampler for generate()."""
+@dataclass
+class EvalConfig:
+    ckpt: list = field(default_factory=list)     # teacher/student file or run folder; repeat for more rows
+    steps: list = field(default_factory=list)    # sampling steps: once for all rows or once per --ckpt
+    cfg: list = field(default_factory=list)      # guidance scale, given like --steps; none: the ckpt's
+    sampler: list = field(default_factory=list)  # euler | renoise, given like --steps; none: the ckpt's
+    shift: list = field(default_factory=list)    # SD3 schedule shift, given like --steps; none: the ckpt's
+    n: int = 256                     # captions per row, split evenly over the sizes
+    seed: int = 1234                 # draws the captions; image i of size k starts from noise seed + 1000k + i
+    sizes: str = None                # e.g. 64x64,96x48 (width x height); None: each checkpoint's own
+    out: str = "eval"                # folder for results.json, results.md and grid.png
+    device: str = "auto"             # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"              # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
+    quiet: bool = False              # no progress bars and no table on stdout
+
+
+ITEM_TYPES = {"ckpt": str, "steps": int, "cfg": float, "sampler": str, "shift": float}
+OVERRIDES = ("steps", "cfg", "sampler", "shift")
+SCORES = ("background", "colors", "shapes", "relation", "all_correct", "purity")
+TIMING = ("images_per_second", "seconds_per_image")  # the only numbers that change between runs
+GRID_CAPTIONS = 8
+USER_ERRORS = (ValueError, OSError, NotImplementedError)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fréchet distance on fixed features (no download, no learned network)
+
+
+def features(images):
+    """[B, 3, H, W] in [-1, 1], any size -> [B, 57] float64 features: the share of pixels nearest
+    each of the 8 palette colours (9th: no palette colour near) and the image average-pooled to
+    4x4 RGB. Chosen over a random conv net because every number means something here: the
+    histogram sees wrong, missing or impure colours (blur and off-palette mush land in the 9th
+    bin), the 4x4 pooling sees coarse layout and object size, and both are exactly deterministic
+    and independent of the image size, so all aspect buckets share one feature space."""
+    rows = []
+    for image in images:
+        rgb = ((image.float().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()  # [H, W, 3] 0..255
+        classes, _ = shapes.classify_pixels(rgb)                                 # [H, W], -1 unknown
+        hist = np.bincount(classes.ravel() + 1, minlength=9)[[*range(1, 9), 0]] / classes.size  # [9]
+        pooled = F.adaptive_avg_pool2d(image[None].float(), 4).flatten().numpy()  # [48]
+        rows.append(np.concatenate([hist, pooled]))
+    return np.stack(rows).astype(np.float64)                                      # [B, 57]
+
+
+def _sqrt_psd(m):
+    """Square root of a symmetric positive semi-definite matrix, by eigendecomposition."""
+    values, vectors = np.linalg.eigh((m + m.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to features a [N, D] and b [M, D] (N, M >= 2):
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2), with tr (S_a S_b)^1/2 computed as the
+    trace of the root of the symmetric PSD matrix S_a^1/2 S_b S_a^1/2 (float64, stable)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"the Fréchet distance needs at least 2 images a side, got {len(a)} and {len(b)}")
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root_a = _sqrt_psd(cov_a)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
+    fd = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross
+    return float(max(fd, 0.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluating one pipeline
+
+
+def nfe_per_image(settings):
+    """Network evaluations per image: one per step, two with guidance (flow.cfg_velocity runs
+    cond and uncond whenever the scale is not 0 or 1)."""
+    guided = settings["cfg"] not in (None, 0, 1)
+    return settings["steps"] * (2 if guided else 1)
+
+
+def evaluate_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **overrides):
+    """(scores, images): the judge's mean scores, fd, nfe and timings for `n` captions drawn from
+    `seed`, caption j at size j % len(sizes) (default sizes: the checkpoint's); images in caption
+    order. Reference images for fd: the same captions rendered with layout seeds seed + 10^6 + j."""
     sizes = [tuple(s) for s in (sizes or pipe.sizes)]
     rng = np.random.default_rng(seed)
     captions = [shapes.random_caption(rng) for _ in range(n)]
-    totals, t0 = {}, time.time()
+    images, references, totals, seconds = [None] * n, [None] * n, {}, 0.0
     for k, (w, h) in enumerate(sizes):
-        part = captions[k::len(sizes)]
-        images = generate(pipe, part, w, h, seed=seed + 1000 * k, progress=progress, **overrides)
-        for key, value in shapes.judge_batch(images, part).items():
+        index = list(range(k, n, len(sizes)))
+        if not index:
+            continue
+        part = [captions[j] for j in index]
+        t0 = time.perf_counter()
+        generated = generate(pipe, part, w, h, seed=seed + 1000 * k, progress=progress, **overrides)
+        seconds += time.perf_counter() - t0
+        rendered = shapes.render_batch(part, w, h, seed=seed + 10 ** 6 + k * n)
+        for key, value in shapes.judge_batch(generated, part).items():
             totals[key] = totals.get(key, 0.0) + value * len(part)
+        for i, j in enumerate(index):
+            images[j], references[j] = generated[i], rendered[i]
     scores = {k: round(v / n, 4) for k, v in totals.items()}
-    scores["seconds_per_image"] = round((time.time() - t0) / n, 4)
-    return scores
+    scores["fd"] = round(frechet_distance(features(images), features(references)), 4) if n >= 2 else None
+    scores["nfe"] = nfe_per_image(sampling_settings(pipe, **overrides))
+    scores["images_per_second"] = round(n / seconds, 4)
+    scores["seconds_per_image"] = round(seconds / n, 4)
+    return scores, images
+
+
+def judge_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **overrides):
+    """The scores of evaluate_pipeline without the images (train_teacher.py logs these)."""
+    return evaluate_pipeline(pipe, n, seed, sizes, progress, **overrides)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    """argv -> EvalConfig; list fields are repeatable options."""
+    return parse_config(EvalConfig, argv, "evaluate.py", __doc__, {"sampler": flow.SAMPLERS},
+                        ITEM_TYPES)
+
+
+def parse_sizes(text):
+    """'64x64,96x48' -> [(64, 64), (96, 48)]."""
+    try:
+        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise ValueError(f"--sizes {text!r}: want WIDTHxHEIGHT[,WIDTHxHEIGHT...], e.g. 64x64,96x48")
+    return sizes
+
+
+def configurations(c):
+    """EvalConfig -> one (ckpt, overrides) per row; an override is given once or once per --ckpt."""
+    if not c.ckpt:
+        raise ValueError("no checkpoints: pass --ckpt FILE or --ckpt RUN_FOLDER (repeat it to compare)")
+    for name in OVERRIDES:
+        values = getattr(c, name)
+        if len(values) not in (0, 1, len(c.ckpt)):
+            raise ValueError(f"--{name} given {len(values)} times for {len(c.ckpt)} --ckpt; give it once "
+                             f"(for every checkpoint) or once per --ckpt")
+    rows = []
+    for i, ckpt in enumerate(c.ckpt):
+        if not os.path.exists(ckpt):
+            raise ValueError(f"--ckpt {ckpt}: no such file or folder")
+        pick = lambda values: values[0] if len(values) == 1 else values[i]  # noqa: E731
+        rows.append((ckpt, {k: pick(getattr(c, k)) for k in OVERRIDES if getattr(c, k)}))
+    return rows
+
+
+def row_name(ckpt, settings):
+    """'runs/teacher steps=28 cfg=7.0 euler shift=3.0': the checkpoint and its resolved settings."""
+    shift = "" if settings["shift"] is None else f" shift={settings['shift']}"
+    return f"{ckpt} steps={settings['steps']} cfg={settings['cfg']} {settings['sampler']}{shift}"
+
+
+def markdown_table(rows):
+    """Result rows -> a markdown table, one line per row."""
+    columns = ["name", *SCORES, "fd", "nfe", "images_per_second", "seconds_per_image"]
+    header = ["name", *SCORES, "FD", "NFE/image", "images/s", "s/image"]
+    cell = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run(c):
+    """Evaluate every configuration as EvalConfig `c` says and write the files; returns the rows."""
+    rows_in = configurations(c)
+    sizes = parse_sizes(c.sizes) if c.sizes else None
+    if c.n < 2:
+        raise ValueError(f"--n {c.n}: need at least 2 captions (the Fréchet distance needs 2 images)")
+    if os.path.exists(c.out) and not os.path.isdir(c.out):
+        raise ValueError(f"--out {c.out} is a file; pass a folder for the results")
+    device = pick_device(c.device)
+    dtype = pick_dtype(c.dtype, device)
+    rows, grid, labels, pipe, pipe_ckpt = [], [], [], None, None
+    for ckpt, overrides in rows_in:
+        if ckpt != pipe_ckpt:  # the same checkpoint in consecutive rows loads once
+            pipe, pipe_ckpt = load_pipeline(ckpt, device, dtype), ckpt
+        for w, h in sizes or pipe.sizes:
+            check_size(pipe, w, h)
+        settings = sampling_settings(pipe, **overrides)
+        scores, images = evaluate_pipeline(pipe, c.n, c.seed, sizes, progress=not c.quiet, **overrides)
+        rows.append({"name": row_name(ckpt, settings), "ckpt": ckpt, "steps": settings["steps"],
+                     "cfg": settings["cfg"], "sampler": settings["sampler"], "shift": settings["shift"],
+                     "sizes": [list(s) for s in (sizes or pipe.sizes)], **scores})
+        grid.append(images[:GRID_CAPTIONS])
+        labels.append(f"{len(rows) - 1}: " + row_name(os.path.basename(os.path.normpath(ckpt)), settings))
+
+    resolved = {**dataclasses.asdict(c), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    table = markdown_table(rows)
+    write = lambda name, text: weights.atomic_write(os.path.join(c.out, name),  # noqa: E731
+                                                    lambda f: f.write(text.encode()))
+    write("results.json", json.dumps({"config": resolved, "results": rows}, indent=2))
+    write("results.md", table)
+    save_strip(grid, os.path.join(c.out, "grid.png"), labels=labels)
+    if not c.quiet:
+        print(table + "grid.png rows: " + "; ".join(f"{i}: {r['name']}" for i, r in enumerate(rows)))
+        print(f"wrote results.json, results.md and grid.png to {c.out}/")
+    return rows
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="an MMDiT checkpoint or run folder")
-    p.add_argument("--n", type=int, default=256, help="captions to judge")
-    p.add_argument("--seed", type=int, default=1234, help="draws the captions and the noise")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=None)
-    p.add_argument("--shift", type=float, default=None)
-    p.add_argument("--sampler", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    args = p.parse_args(argv)
+    config = parse_args(argv)  # argparse exits 2 with one line for a bad flag
     try:
-        device = pick_device(args.device)
-        pipe = load_pipeline(args.ckpt, device, pick_dtype(args.dtype, device))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    overrides = {k: getattr(args, k) for k in ("steps", "cfg", "shift", "sampler")
-                 if getattr(args, k) is not None}
-    scores = judge_pipeline(pipe, args.n, args.seed, progress=True, **overrides)
-    print(json.dumps({"ckpt": args.ckpt, **overrides, **scores}))
-    return 0
+        run(config)
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

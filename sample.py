@@ -420,7 +420,7 @@ def _compose(rows, pad=2, labels=None):
         raise ValueError("nothing to draw: no images")
     cw = max(im.width for row in rows for im in row)
     ch = max(im.height for row in rows for im in row)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=11)  # a scalable font: the bitmap default drops spaces
     lw = pad + max(math.ceil(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(str(s), font=font))
                    for s in labels) if labels else 0
     canvas = Image.new("RGB", (lw + pad + max(map(len, rows)) * (cw + pad), pad + len(rows) * (ch + pad)),
@@ -468,18 +468,22 @@ def _field_help(cls):
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.M))
 
 
-def parse_args(argv=None):
-    """argv -> SampleConfig. Unknown or abbreviated options are rejected, with a suggestion."""
-    parser = _Parser(prog="sample.py", description=__doc__.strip().splitlines()[0], allow_abbrev=False)
-    helps = _field_help(SampleConfig)
-    for f in dataclasses.fields(SampleConfig):
+def parse_config(cls, argv, prog, doc, choices=None, item_types=None):
+    """A script's CLI, generated from its config dataclass: one --option per field with the
+    field's comment as help; list fields repeat (items of type item_types[name], default str).
+    Unknown or abbreviated options are a one-line error with a suggestion, exit code 2."""
+    parser = _Parser(prog=prog, description=" ".join(doc.split("\n\n")[0].split()),
+                     allow_abbrev=False)
+    helps, choices, item_types = _field_help(cls), choices or {}, item_types or {}
+    for f in dataclasses.fields(cls):
         kw = {"help": helps.get(f.name, "")}
         if f.type is bool:
             kw["action"] = "store_true"
         elif f.type is list:
-            kw.update(action="append", default=[], metavar="TEXT")
+            kw.update(action="append", default=[], type=item_types.get(f.name, str),
+                      choices=choices.get(f.name))
         else:
-            kw.update(type=f.type, choices=CHOICES.get(f.name))
+            kw.update(type=f.type, choices=choices.get(f.name))
             if f.default is dataclasses.MISSING:
                 kw["required"] = True
             else:
@@ -489,11 +493,17 @@ def parse_args(argv=None):
     if unknown:
         flag = unknown[0].split("=")[0]
         if not flag.startswith("-"):
-            parser.error(f"unexpected argument {flag!r}; prompts go after --prompt")
+            hint = "; prompts go after --prompt" if "prompt" in vars(args) else ""
+            parser.error(f"unexpected argument {flag!r}{hint}")
         options = [o for a in parser._actions for o in a.option_strings]
         close = difflib.get_close_matches(flag, options, n=1)
         parser.error(f"unknown option {flag}" + (f"; did you mean {close[0]}?" if close else ""))
-    return SampleConfig(**vars(args))
+    return cls(**vars(args))
+
+
+def parse_args(argv=None):
+    """argv -> SampleConfig."""
+    return parse_config(SampleConfig, argv, "sample.py", __doc__, CHOICES)
 
 
 def read_prompts(items):

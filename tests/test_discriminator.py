@@ -8,12 +8,7 @@ from discriminator import (Discriminator, DiscriminatorHead, approx_r1, hinge_d_
 D, DP, HIDDEN = 16, 6, 16  # small feature width, pooled width and head width for fast tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ONE_THREAD = True  # see conftest.py
 
 
 def randomize(module, seed=0, std=0.2):

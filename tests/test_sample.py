@@ -11,45 +11,12 @@ from PIL import Image
 import mmdit
 import sample
 import shapes
-import vae as vae_lib
 import weights
 
-PROMPTS = ["a red circle on a blue background",
-           "a green square to the left of a yellow triangle on a white background",
-           "a purple triangle above a orange circle on a black background"]
+from conftest import PROMPTS, make_checkpoint
+
+ONE_THREAD = True
 P = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt", PROMPTS[2]]
-
-
-def make_checkpoint(folder, sampler, name="model.safetensors"):
-    """A tiny MMDiT (random, non-zero weights so it does something) + the test VAE, with the
-    metadata train_teacher.py / train_ladd.py write."""
-    torch.manual_seed(0)
-    z = vae_lib.CONFIGS["test"].z_channels
-    config = mmdit.MMDiTConfig(depth=2, hidden_size=32, num_heads=2, patch_size=2, in_channels=z,
-                               out_channels=z, pos_embed_max_size=16, pooled_dim=64, context_dim=64,
-                               qk_norm=True)
-    model = mmdit.MMDiT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    vae_lib.VAE("test").save_pretrained(os.path.join(folder, "shapes_vae.safetensors"))
-    path = os.path.join(folder, name)
-    model.save_pretrained(path, {
-        "text_encoder": json.dumps({"name": "shapes", "dim": 64, "pooled_dim": 64, "seed": 0}),
-        "vae": "shapes_vae.safetensors",
-        "sampler": json.dumps(sampler),
-        "sizes": json.dumps([[16, 16], [24, 16]]),
-    })
-    return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from threads; one thread keeps a busy 2-core box fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,285 @@
+"""
+Training-free inpainting for any flow model (a teacher or a few-step student), in latent space.
+
+    python inpaint.py --ckpt assets/shapes_teacher.safetensors --image in.png --mask mask.png \\
+        --prompt "a red circle to the left of a green triangle on a yellow background"
+
+The mask is white (>= 128) where the image is repainted. The method is RePaint's blend, adapted
+to rectified flow (x_s = (1 - s) x0 + s eps):
+  1. z0 = VAE(image), encoded once; x starts from the seeded noise of seed + i.
+  2. at every step s_i -> s_{i+1}: the guided velocity and the sampler's update (euler or renoise,
+     as in flow.sample), then the known region is put back at the new noise level:
+         x <- m x + (1 - m) add_noise(z0, fresh eps, s_{i+1})      (exactly z0 at s = 0)
+     with m the mask at latent resolution (`latent_mask`).
+  3. `resample` extra passes per step (RePaint's "jumps"): re-noise x from s_{i+1} back to s_i
+     with the forward jump below and redo the step, which lets the repainted region agree
+     with the known one.
+  4. decode and composite in pixel space: out = mask decoded + (1 - mask) image, so every
+     unmasked pixel is the input, exactly.
+
+Forward jump for rectified flow (s' = s_{i+1} < s = s_i, needs s' < 1): with
+x_s' = (1 - s') x0 + s' e1 and a = (1 - s) / (1 - s'),
+    x_s = a x_s' + sqrt(s^2 - (a s')^2) e2
+has mean (1 - s) x0 and noise std s, the marginal of x_s (s = 1 gives a = 0, pure noise).
+
+Every random draw comes from a per-image CPU generator (seed + i, and seeds derived from it and
+the step), so an image does not depend on the batch it is in. With an all-ones mask and no
+resampling the result is sample.generate's txt2img image for the same seed.
+
+Writes out.png (the first result; with several prompts also 000.png, 001.png, ...), strip.png
+(input | mask | output, a row per prompt) and the resolved config.json into --out.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import flow
+import sample
+import shapes
+import weights
+
+
+@dataclass
+class InpaintConfig:
+    ckpt: str                        # a checkpoint file, or a run folder with model.safetensors
+    image: str                       # the image to edit (its size must be a valid model size)
+    mask: str                        # same size as the image; white (>= 128) = repaint
+    prompt: list = field(default_factory=list)  # what the result shows (repeat for more)
+    steps: int = None                # sampling steps; None: the checkpoint's (a student: its times)
+    cfg: float = None                # guidance scale, 1 = unguided; None: the checkpoint's
+    sampler: str = None              # euler | renoise; None: the checkpoint's
+    seed: int = 0                    # result i starts from the noise of seed + i
+    resample: int = 0                # RePaint passes per step: re-noise to the step's start, redo
+    feather: int = 0                 # soft mask edge outside the repainted area, latent pixels
+    out: str = "inpaint"             # folder for out.png, strip.png, config.json
+    device: str = "auto"             # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"              # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
+    quiet: bool = False              # no progress bar and no messages
+
+
+# noise streams: a fresh draw for (stream, step) of image seed s; stream 0 is flow.sample's renoise
+# noise, so an all-ones mask reproduces sample.generate exactly
+RENOISE, BLEND, JUMP = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------
+# masks
+
+
+def latent_mask(mask, factor, feather=0):
+    """Pixel mask [1 or B, 1, H, W] in {0, 1} (1 = repaint) -> [B, 1, H/f, W/f] in [0, 1].
+
+    A latent pixel is repainted if any of its f x f pixels is. feather = k > 0 adds a soft edge
+    *outside* that hard core, so the repainted area is fully regenerated and the seam is blended
+    in the kept area: a latent pixel at (chessboard) distance d <= k from the core gets
+    1 - d / (k + 1), one farther away 0; the core stays exactly 1."""
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask must be [B, 1, H, W], got {list(mask.shape)}")
+    H, W = mask.shape[-2:]
+    if H % factor or W % factor:
+        raise ValueError(f"mask size {W}x{H} is not a multiple of the VAE factor {factor}")
+    if not isinstance(feather, int) or feather < 0:
+        raise ValueError(f"feather must be an integer >= 0 (latent pixels), got {feather!r}")
+    m = F.max_pool2d(mask.float(), factor)                       # [B, 1, h, w], "any pixel"
+    if feather == 0:
+        return m
+    soft, grown = m, m
+    for d in range(1, feather + 1):
+        grown = F.max_pool2d(grown, 3, stride=1, padding=1)       # [B, 1, h, w], distance <= d
+        soft = torch.maximum(soft, grown * (1 - d / (feather + 1)))
+    return soft.clamp(0, 1)
+
+
+def object_mask(caption, width, height, rng, index):
+    """The shapes world: the pixel mask [1, H, W] of object `index`'s box in
+    shapes.render(caption, width, height, rng). Pass the same seed (an int) as to render: a
+    numpy Generator would have moved on since."""
+    scene = shapes.parse_caption(caption)
+    if not 0 <= index < len(scene.objects):
+        raise ValueError(f"object index {index} out of range: {caption!r} has "
+                         f"{len(scene.objects)} object(s)")
+    x, y, side = shapes.layout(scene, width, height, rng)[index]
+    mask = torch.zeros(1, height, width)
+    mask[:, y:y + side, x:x + side] = 1
+    return mask                                                  # [1, H, W]
+
+
+# ----------------------------------------------------------------------------------------------
+# the method
+
+
+def _fresh(seeds, stream, step, like):
+    """Noise like `like` [B, C, h, w] for (stream, step), one CPU generator per image seed."""
+    return flow.seeded_noise([s * 1000003 + step + 1 + stream * 2**32 for s in seeds],
+                             like.shape[1:], like.device, like.dtype)
+
+
+def _update(x, v, s, s_next, sampler, eps):
+    """One sampler step from s to s_next (flow.sample's two rules)."""
+    if sampler == "euler":
+        return x + (s_next - s) * v
+    x0_hat = x - s * v
+    return (1 - s_next) * x0_hat + (s_next * eps if s_next > 0 else 0.0)
+
+
+def forward_jump(x, s_from, s_to, eps):
+    """Re-noise a rectified-flow state from s_from up to s_to >= s_from (s_from < 1); see the
+    module docstring: x_to = a x_from + sqrt(s_to^2 - (a s_from)^2) eps, a = (1-s_to)/(1-s_from)."""
+    if not 0 <= s_from <= s_to <= 1 or s_from >= 1:
+        raise ValueError(f"forward jump needs 0 <= s_from <= s_to <= 1 and s_from < 1, "
+                         f"got {s_from} -> {s_to}")
+    a = (1 - s_to) / (1 - s_from)
+    return a * x + math.sqrt(max(s_to ** 2 - (a * s_from) ** 2, 0.0)) * eps
+
+
+def _check_inputs(pipe, image, mask):
+    """-> image [3, H, W], mask [1, H, W] in {0, 1}, both float on the CPU."""
+    if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be one [3, H, W] tensor in [-1, 1], got "
+                         f"{list(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+    mask = mask[None] if torch.is_tensor(mask) and mask.dim() == 2 else mask
+    if not torch.is_tensor(mask) or mask.dim() != 3 or mask.shape[0] != 1:
+        raise ValueError(f"mask must be [1, H, W] or [H, W], got "
+                         f"{list(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}")
+    H, W = image.shape[1:]
+    if tuple(mask.shape[1:]) != (H, W):
+        raise ValueError(f"mask is {mask.shape[2]}x{mask.shape[1]} but the image is {W}x{H}; "
+                         "they must be the same size")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask must hold only 0 (keep) and 1 (repaint)")
+    sample.check_size(pipe, W, H)
+    return image.float().cpu(), mask.float().cpu()
+
+
+@torch.no_grad()
+def inpaint(pipe, image, mask, prompts, steps=None, cfg=None, sampler=None, seed=0, resample=0,
+            feather=0, progress=False):
+    """Repaint image [3, H, W] in [-1, 1] where mask ([1, H, W] or [H, W], 1 = repaint) is set,
+    once per prompt -> images [N, 3, H, W] in [-1, 1] on the CPU, equal to `image` wherever the
+    mask is 0. steps, cfg, sampler: None means the checkpoint's default. Result i depends only on
+    seed + i, not on how many prompts there are."""
+    image, mask = _check_inputs(pipe, image, mask)
+    if not isinstance(resample, int) or resample < 0:
+        raise ValueError(f"resample must be an integer >= 0, got {resample!r}")
+    s = sample.sampling_settings(pipe, steps, cfg, None, sampler)
+    if s["sampler"] not in flow.SAMPLERS:
+        raise ValueError(f"unknown sampler {s['sampler']!r}; choices: {', '.join(flow.SAMPLERS)}")
+    cond = sample.encode(pipe, prompts)
+    n, sigmas, device = len(cond), s["sigmas"], pipe.device
+    if n == 0:
+        raise ValueError("no prompts to inpaint with")
+    seeds = [seed + i for i in range(n)]
+
+    z0 = pipe.vae.encode(image[None].to(device)).float()             # [1, z, h, w]
+    z0 = z0.expand(n, -1, -1, -1)                                      # [N, z, h, w]
+    m = latent_mask(mask[None], pipe.vae.config.factor, feather).to(device)  # [1, 1, h, w]
+    context, pooled = cond.context.to(device), cond.pooled.to(device)        # [N, L, Dc], [N, Dp]
+    uncond_context = cond.uncond_context.to(device).expand(n, -1, -1)        # [N, L, Dc]
+    uncond_pooled = cond.uncond_pooled.to(device).expand(n, -1)              # [N, Dp]
+    velocity = sample._velocity(pipe.model)  # fp32 state, the model in its own dtype
+
+    x = flow.add_noise(z0, flow.seeded_noise(seeds, z0.shape[1:], device), sigmas[0])  # [N, z, h, w]
+    passes = resample + 1
+    with tqdm(total=(len(sigmas) - 1) * passes, desc="inpainting", disable=not progress) as bar:
+        for i in range(len(sigmas) - 1):
+            s_i, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            t = torch.full((n,), s_i, device=device)                  # [N]
+            for r in range(passes):
+                stream = 3 * r  # pass r: its own noise for every draw
+                v = flow.cfg_velocity(velocity, x, t, context, pooled, uncond_context,
+                                      uncond_pooled, s["cfg"])         # [N, z, h, w]
+                eps = _fresh(seeds, stream + RENOISE, i, x) if s["sampler"] == "renoise" else None
+                x_next = _update(x, v, s_i, s_next, s["sampler"], eps)
+                known = flow.add_noise(z0, _fresh(seeds, stream + BLEND, i, x), s_next)
+                x_next = m * x_next + (1 - m) * known                  # the RePaint blend
+                if r + 1 < passes:  # back to s_i and do the step again
+                    x = forward_jump(x_next, s_next, s_i, _fresh(seeds, stream + JUMP, i, x))
+                else:
+                    x = x_next
+                bar.update()
+
+    decoded = pipe.vae.decode(x).float().cpu()                         # [N, 3, H, W]
+    return torch.where(mask[None] > 0, decoded, image[None])           # exact outside the mask
+
+
+# ----------------------------------------------------------------------------------------------
+# files and command line
+
+
+def load_mask(path):
+    """A mask image (any mode) -> [1, H, W] in {0, 1}: 1 where its grey value is >= 128."""
+    try:
+        with Image.open(path) as im:
+            grey = np.asarray(im.convert("L"))                         # [H, W] uint8
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such mask file") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it as a mask image ({e}); pass a PNG, white = "
+                         "repaint") from None
+    return torch.from_numpy(grey >= 128).float()[None]                 # [1, H, W]
+
+
+def parse_args(argv=None):
+    """argv -> InpaintConfig (the CLI is generated from the dataclass, as in sample.py)."""
+    return sample.parse_config(InpaintConfig, argv, "inpaint.py", __doc__, sample.CHOICES)
+
+
+def run(c):
+    """Inpaint as InpaintConfig `c` says and write the files; returns the output paths."""
+    prompts = sample.read_prompts(c.prompt)
+    if not prompts:
+        raise ValueError('no prompts: pass --prompt "what the repainted image shows"')
+    if os.path.exists(c.out) and not os.path.isdir(c.out):
+        raise ValueError(f"--out {c.out} is a file; pass a folder for the images")
+    image, mask = sample.load_image(c.image), load_mask(c.mask)       # [3, H, W], [1, H, W]
+    if mask.shape[1:] != image.shape[1:]:
+        raise ValueError(f"--mask {c.mask} is {mask.shape[2]}x{mask.shape[1]} but --image {c.image} "
+                         f"is {image.shape[2]}x{image.shape[1]}; they must be the same size")
+    device = sample.pick_device(c.device)
+    dtype = sample.pick_dtype(c.dtype, device)
+    pipe = sample.load_pipeline(c.ckpt, device, dtype)
+    sample.check_size(pipe, image.shape[2], image.shape[1])
+    images = inpaint(pipe, image, mask, prompts, steps=c.steps, cfg=c.cfg, sampler=c.sampler,
+                     seed=c.seed, resample=c.resample, feather=c.feather, progress=not c.quiet)
+
+    paths = [os.path.join(c.out, "out.png")]
+    sample.save_png(images[0], paths[0])
+    if len(images) > 1:
+        paths += [os.path.join(c.out, f"{i:03d}.png") for i in range(len(images))]
+        for im, path in zip(images, paths[1:]):
+            sample.save_png(im, path)
+    shown = mask.expand(3, -1, -1) * 2 - 1                             # [3, H, W]: white = repaint
+    paths.append(os.path.join(c.out, "strip.png"))
+    sample.save_strip([[image, shown, im] for im in images], paths[-1])
+    s = sample.sampling_settings(pipe, c.steps, c.cfg, None, c.sampler)
+    resolved = {**dataclasses.asdict(c), **s, "width": image.shape[2], "height": image.shape[1],
+                "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    paths.append(os.path.join(c.out, "config.json"))
+    weights.atomic_write(paths[-1], lambda f: f.write(json.dumps(resolved, indent=2).encode()))
+    if not c.quiet:
+        print(f"wrote {len(images)} inpainted image(s) to {c.out}/: "
+              + ", ".join(os.path.basename(p) for p in paths))
+    return paths
+
+
+def main(argv=None):
+    config = parse_args(argv)  # argparse exits 2 with one line for a bad flag
+    try:
+        run(config)
+    except sample.USER_ERRORS as e:
+        print(f"error: {sample.one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Tests for evaluate.py: the real CLI on a tiny self-describing checkpoint (rows, columns, NFE,
+determinism, files), the Fréchet distance on its own, and one-line errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import shapes
+
+from conftest import make_checkpoint
+
+ONE_THREAD = True
+
+COLUMNS = {"background", "colors", "shapes", "relation", "all_correct", "purity", "fd", "nfe",
+           "images_per_second", "seconds_per_image"}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("teacher")),
+                           {"steps": 2, "cfg": 3.0, "shift": 1.0, "sampler": "euler"})
+
+
+def run(ckpt, out, *extra):
+    """evaluate.main on the CPU, 6 captions, the same checkpoint at 2 steps (cfg 3) and 1 step (cfg 1)."""
+    evaluate.main(["--ckpt", ckpt, "--ckpt", ckpt, "--steps", "2", "--steps", "1", "--cfg", "3",
+                   "--cfg", "1", "--n", "6", "--seed", "5", "--device", "cpu", "--out", str(out),
+                   "--quiet", *extra])
+    return json.loads((out / "results.json").read_text())
+
+
+def without_timing(results):
+    return [{k: v for k, v in row.items() if k not in evaluate.TIMING} for row in results["results"]]
+
+
+def expect_error(capsys, argv, *words):
+    """main(argv) must exit 2 with exactly one line on stderr, starting 'error:' and naming words."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_main_writes_a_row_per_configuration_and_is_deterministic(teacher, tmp_path):
+    first = run(teacher, tmp_path / "a")
+    rows = first["results"]
+    assert len(rows) == 2 and all(COLUMNS <= set(r) for r in rows)
+    assert [(r["steps"], r["cfg"], r["nfe"]) for r in rows] == [(2, 3.0, 4), (1, 1.0, 1)]  # cfg: 2 passes
+    assert "steps=2" in rows[0]["name"] and "steps=1" in rows[1]["name"]
+    assert all(0 <= r["all_correct"] <= 1 and r["fd"] >= 0 and r["images_per_second"] > 0 for r in rows)
+    assert rows[0]["sizes"] == [[16, 16], [24, 16]] and first["config"]["n"] == 6
+
+    table = (tmp_path / "a" / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 2 and "FD" in table[0] and "NFE/image" in table[0] and "s/image" in table[0]
+    assert rows[1]["name"] in table[3]
+    # 2 rows of the first 6 captions (fewer than 8), cells as large as the largest (24x16), labels left
+    w, h = Image.open(tmp_path / "a" / "grid.png").size
+    assert h == 2 + 2 * 18 and w > 2 + 6 * 26
+
+    second = run(teacher, tmp_path / "b")
+    assert without_timing(first) == without_timing(second)
+    other = run(teacher, tmp_path / "c", "--sizes", "16x16")
+    assert other["results"][0]["sizes"] == [[16, 16]]
+
+
+def test_frechet_distance_separates_rendered_from_noise():
+    rng = np.random.default_rng(0)
+    captions = [shapes.random_caption(rng) for _ in range(64)]
+    a = evaluate.features(shapes.render_batch(captions, 32, 32, seed=0))
+    b = evaluate.features(shapes.render_batch(captions, 32, 32, seed=1000))  # other layouts
+    noise = evaluate.features(torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert a.shape == (64, 57) and np.allclose(a[:, :9].sum(1), 1)
+    assert evaluate.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    same, far = evaluate.frechet_distance(a, b), evaluate.frechet_distance(a, noise)
+    assert same < 0.1 * far, (same, far)
+    assert far == pytest.approx(evaluate.frechet_distance(noise, a), rel=1e-6)  # symmetric
+    shifted = a + 1.0  # a pure mean shift of 1 in each of 57 dims, same covariance
+    assert evaluate.frechet_distance(a, shifted) == pytest.approx(57, rel=1e-6)
+
+
+def test_judge_pipeline_keeps_its_keys(teacher):
+    pipe = evaluate.load_pipeline(teacher)
+    scores = evaluate.judge_pipeline(pipe, 3, seed=1, steps=1)
+    assert COLUMNS <= set(scores) and scores["nfe"] == 2  # the checkpoint's cfg 3.0
+    assert evaluate.judge_pipeline(pipe, 1, seed=1, steps=1, cfg=1.0)["fd"] is None  # too few images
+
+
+def test_bad_inputs_are_one_line_errors(teacher, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "o"), "--device", "cpu", "--n", "4", "--quiet"]
+    expect_error(capsys, ["--ckpt", str(tmp_path / "nope.safetensors"), *out], "nope.safetensors")
+    expect_error(capsys, out, "no checkpoints", "--ckpt")
+    expect_error(capsys, ["--ckpt", teacher, "--ckpt", teacher, "--steps", "1", "--steps", "2",
+                          "--steps", "3", *out], "--steps given 3 times for 2 --ckpt")
+    expect_error(capsys, ["--ckpt", teacher, "--sizes", "16by16", *out], "--sizes", "16by16")
+    expect_error(capsys, ["--ckpt", teacher, "--sizes", "30x16", *out], "30x16", "multiples of 4")
+    expect_error(capsys, ["--ckpt", teacher, "--stpes", "3", *out], "--stpes")
+    expect_error(capsys, ["--ckpt", teacher, "--sampler", "heun", *out], "heun")
+    expect_error(capsys, ["--ckpt", teacher, "--n", "1", *out[:-3]], "--n 1")
+    assert not (tmp_path / "o").exists()  # failed runs write nothing

@@ -1,0 +1,219 @@
+"""Tests for inpaint.py: unmasked pixels are the input exactly, masks at latent resolution, seeds
+independent of the batch, the RePaint forward jump, the CLI and its one-line errors, and (with
+the shipped teacher) a recolouring edit in the shapes world."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flow
+import inpaint
+import sample
+import shapes
+from conftest import PROMPTS, make_checkpoint  # the tiny self-describing checkpoint
+
+ONE_THREAD = True
+
+TEACHER = os.path.join(os.path.dirname(__file__), "..", "assets", "shapes_teacher.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("teacher")),
+                           {"steps": 3, "cfg": 3.0, "shift": 1.0, "sampler": "euler"})
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+    return sample.load_pipeline(ckpt)
+
+
+def box(h, w, top, left, bottom, right):
+    mask = torch.zeros(1, h, w)
+    mask[:, top:bottom, left:right] = 1
+    return mask  # [1, H, W]
+
+
+def image(w=24, h=16):
+    return shapes.render(PROMPTS[1], w, h, rng=0)  # [3, H, W], pure palette colours
+
+
+def read_png(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def expect_error(capsys, argv, *words):
+    """inpaint.main(argv) must exit 2 with one line on stderr, starting 'error:' and naming words."""
+    with pytest.raises(SystemExit) as e:
+        inpaint.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+MASKS = {
+    "box": box(16, 24, 3, 5, 11, 14),
+    "odd box": box(16, 24, 1, 1, 4, 23),  # edges not on the VAE's 2-pixel grid
+    "speckle": (torch.rand(1, 16, 24, generator=torch.Generator().manual_seed(0)) < 0.2).float(),
+}
+
+
+@pytest.mark.parametrize("sampler", ["euler", "renoise"])
+@pytest.mark.parametrize("name", list(MASKS))
+def test_unmasked_pixels_are_the_input_exactly(pipe, name, sampler):
+    img, mask = image(), MASKS[name]
+    for seed in (0, 5):
+        out = inpaint.inpaint(pipe, img, mask[0], PROMPTS[:2], seed=seed, sampler=sampler)  # [H, W] mask
+        assert out.shape == (2, 3, 16, 24) and out.min() >= -1 and out.max() <= 1
+        keep = (mask == 0).expand(3, -1, -1)
+        for o in out:
+            assert torch.equal(o[keep], img[keep])
+            assert (o[~keep] - img[~keep]).abs().max() > 0.05  # the masked part was repainted
+
+
+def test_all_zero_mask_returns_the_input(pipe):
+    img = image()
+    out = inpaint.inpaint(pipe, img, torch.zeros(1, 16, 24), PROMPTS, seed=2, resample=1, feather=1)
+    assert torch.equal(out, img.expand(3, -1, -1, -1))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "renoise"])
+def test_all_ones_mask_is_txt2img(pipe, sampler):
+    """Nothing to keep: the blend is a no-op and the noise streams are flow.sample's."""
+    got = inpaint.inpaint(pipe, image(), torch.ones(16, 24), PROMPTS[:2], seed=4, sampler=sampler)
+    want = sample.generate(pipe, PROMPTS[:2], 24, 16, seed=4, sampler=sampler, progress=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_seed_gives_same_image_whatever_the_batch(pipe):
+    img, mask = image(), MASKS["box"]
+    for kw in ({"sampler": "renoise"}, {"resample": 1, "feather": 1}):
+        two = inpaint.inpaint(pipe, img, mask, PROMPTS[:2], seed=3, **kw)
+        one = inpaint.inpaint(pipe, img, mask, PROMPTS[:1], seed=3, **kw)
+        second = inpaint.inpaint(pipe, img, mask, PROMPTS[1:2], seed=4, **kw)  # seed + 1
+        torch.testing.assert_close(two, torch.cat([one, second]), atol=1e-5, rtol=0)
+    other = inpaint.inpaint(pipe, img, mask, PROMPTS[:1], seed=9)
+    assert (other - one).abs().max() > 1e-3
+
+
+def test_resample_runs_and_still_composites_exactly(pipe, monkeypatch):
+    img, mask = image(), MASKS["box"]
+    calls, forward = [], pipe.model.forward
+    monkeypatch.setattr(pipe.model, "forward", lambda x, t, *a: calls.append(t[0].item()) or forward(x, t, *a))
+    out = inpaint.inpaint(pipe, img, mask, PROMPTS[:1], seed=1, resample=1)
+    assert calls == pytest.approx([1.0, 1.0, 0.5005, 0.5005, 0.001, 0.001])  # every step twice
+    keep = (mask == 0).expand(3, -1, -1)
+    assert torch.equal(out[0][keep], img[keep])
+    plain = inpaint.inpaint(pipe, img, mask, PROMPTS[:1], seed=1)
+    assert (out - plain).abs().max() > 1e-3
+
+
+def test_latent_mask_any_pixel_rule_and_feathering():
+    mask = torch.zeros(2, 1, 8, 12)
+    mask[0, 0, 3, 5] = 1                       # one pixel -> its latent pixel (1, 2)
+    mask[1, 0, 4:8, 0:4] = 1
+    m = inpaint.latent_mask(mask, 2)
+    assert m.shape == (2, 1, 4, 6)
+    assert m[0, 0, 1, 2] == 1 and m[0].sum() == 1
+    assert m[1, 0, 2:, :2].eq(1).all() and m[1].sum() == 4
+    assert inpaint.latent_mask(mask[:1], 4).shape == (1, 1, 2, 3)
+
+    big = torch.zeros(1, 1, 32, 32)
+    big[..., 8:24, 8:24] = 1
+    hard = inpaint.latent_mask(big, 2)         # [1, 1, 16, 16], core 4:12
+    soft = inpaint.latent_mask(big, 2, feather=2)
+    assert soft.shape == hard.shape and soft.min() >= 0 and soft.max() <= 1
+    assert soft[hard == 1].eq(1).all()         # the hard core stays 1
+    ring = soft[(hard == 0) & (soft > 0)]
+    assert len(ring) and (ring < 1).all()      # a soft edge outside it ...
+    assert soft[0, 0, 8, :4].tolist() == pytest.approx([0, 0, 1 / 3, 2 / 3])  # ... a linear ramp
+    assert soft[0, 0, 1, 1] == 0 and soft[0, 0, 2, 2] == pytest.approx(1 / 3)  # chessboard distance
+    with pytest.raises(ValueError, match="multiple of the VAE factor"):
+        inpaint.latent_mask(torch.zeros(1, 1, 7, 8), 2)
+
+
+def test_forward_jump_gives_the_marginal():
+    """x_s' = (1 - s') x0 + s' e1, jumped to s: mean (1 - s) x0 and std s."""
+    g = torch.Generator().manual_seed(0)
+    x0, s_from, s_to = 0.7, 0.3, 0.8
+    x = flow.add_noise(torch.full((200_000,), x0), torch.randn(200_000, generator=g), s_from)
+    y = inpaint.forward_jump(x, s_from, s_to, torch.randn(200_000, generator=g))
+    assert abs(y.mean().item() - (1 - s_to) * x0) < 0.01 and abs(y.std().item() - s_to) < 0.01
+    torch.testing.assert_close(inpaint.forward_jump(x, s_from, 1.0, x), x)  # s = 1: the noise
+
+
+def test_object_mask_is_the_objects_box():
+    caption = "a red circle to the left of a blue square on a yellow background"
+    img = shapes.render(caption, 64, 64, 3)
+    for index, colour in enumerate(["red", "blue"]):
+        mask = inpaint.object_mask(caption, 64, 64, 3, index)[0] > 0   # [H, W]
+        rgb = torch.tensor(shapes.PALETTE[colour]).float().view(3, 1, 1) / 127.5 - 1
+        drawn = (img - rgb).abs().sum(0) < 1e-3                       # the object's pixels
+        assert drawn.any() and not (drawn & ~mask).any()
+        ys, xs = mask.nonzero().T
+        assert mask.sum() == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # a box
+    with pytest.raises(ValueError, match="out of range"):
+        inpaint.object_mask(caption, 64, 64, 3, 2)
+
+
+def test_cli_writes_results_and_strip(ckpt, tmp_path, capsys):
+    img, mask = image(), MASKS["box"]
+    sample.save_png(img, tmp_path / "in.png")
+    Image.fromarray((mask[0].numpy() * 200).astype(np.uint8)).convert("RGBA").save(tmp_path / "m.png")
+    out = tmp_path / "out"
+    inpaint.main(["--ckpt", ckpt, "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"),
+                  "--prompt", PROMPTS[0], "--prompt", PROMPTS[2], "--seed", "6", "--out", str(out),
+                  "--device", "cpu"])
+    assert "out.png" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["000.png", "001.png", "config.json", "out.png", "strip.png"]
+    got, given = read_png(out / "out.png"), read_png(tmp_path / "in.png")
+    keep = mask[0].numpy() == 0
+    assert (got[keep] == given[keep]).all() and (got[~keep] != given[~keep]).any()
+    assert (got == read_png(out / "000.png")).all()
+    want = inpaint.inpaint(sample.load_pipeline(ckpt), img, mask, [PROMPTS[2]], seed=7)[0]
+    assert np.abs(read_png(out / "001.png") - np.asarray(sample.to_pil(want)).astype(int)).max() <= 1
+    assert Image.open(out / "strip.png").size == (2 + 3 * 26, 2 + 2 * 18)  # 2 rows: in | mask | out
+
+
+def test_bad_inputs_are_one_line_errors(ckpt, tmp_path, capsys):
+    sample.save_png(image(), tmp_path / "in.png")
+    sample.save_png(image(24, 18), tmp_path / "odd.png")
+    sample.save_png(torch.ones(3, 16, 16), tmp_path / "small_mask.png")
+    sample.save_png(torch.ones(3, 18, 24), tmp_path / "odd_mask.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    base = ["--ckpt", ckpt, "--prompt", PROMPTS[0], "--out", str(tmp_path / "o"), "--quiet"]
+    expect_error(capsys, base + ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "small_mask.png")],
+                 "small_mask.png", "16x16", "24x16", "same size")
+    expect_error(capsys, base + ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "bad.png")],
+                 "bad.png")
+    expect_error(capsys, base + ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "nope.png")],
+                 "nope.png", "no such")
+    expect_error(capsys, base + ["--image", str(tmp_path / "odd.png"), "--mask", str(tmp_path / "odd_mask.png")],
+                 "24x18", "multiples of 4")
+    expect_error(capsys, base + ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "odd_mask.png"),
+                                 "--resampel", "1"], "--resample")
+    assert not (tmp_path / "o").exists()  # failed runs write nothing
+
+
+@pytest.mark.skipif(not os.path.isfile(TEACHER), reason="needs assets/shapes_teacher.safetensors")
+def test_shipped_teacher_repaints_an_object():
+    """Mask the square's box, ask for a green triangle there: the blue is gone, green appears
+    inside the box, everything else is untouched (4 layouts, ~2 s on one thread)."""
+    old = "a red circle to the left of a blue square on a yellow background"
+    new = "a red circle to the left of a green triangle on a yellow background"
+    pipe = sample.load_pipeline(TEACHER)
+    green = torch.tensor(shapes.PALETTE["green"]).float().view(3, 1, 1) / 127.5 - 1
+    for seed in range(4):
+        img, mask = shapes.render(old, 64, 64, seed), inpaint.object_mask(old, 64, 64, seed, 1)
+        out = inpaint.inpaint(pipe, img, mask, [new], steps=10, resample=1, seed=seed)[0]
+        judged = shapes.judge(out, new)
+        assert judged["colors"] and judged["background"], (seed, judged)
+        inside = (out - green).abs().sum(0) < 0.3                  # near-green pixels [H, W]
+        assert inside.sum() >= 20 and not (inside & (mask[0] == 0)).any(), seed
