@@ -22,7 +22,6 @@ timed around generation only (judging and rendering excluded).
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 import flow
 import shapes
 import weights
-from sample import (check_size, generate, load_pipeline, one_line, pick_device, pick_dtype,
-                    sampling_settings, save_strip, parse_config)
+from sample import (check_size, generate, load_pipeline, pick_device, pick_dtype,
+                    sampling_settings, save_strip, parse_config, run_cli)
 
 
 @dataclass
@@ -57,7 +56,6 @@ OVERRIDES = ("steps", "cfg", "sampler", "shift")
 SCORES = ("background", "colors", "shapes", "relation", "all_correct", "purity")
 TIMING = ("images_per_second", "seconds_per_image")  # the only numbers that change between runs
 GRID_CAPTIONS = 8
-USER_ERRORS = (ValueError, OSError, NotImplementedError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,12 +237,7 @@ def run(c):
 
 
 def main(argv=None):
-    config = parse_args(argv)  # argparse exits 2 with one line for a bad flag
-    try:
-        run(config)
-    except USER_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

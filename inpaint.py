@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -273,12 +272,7 @@ def run(c):
 
 
 def main(argv=None):
-    config = parse_args(argv)  # argparse exits 2 with one line for a bad flag
-    try:
-        run(config)
-    except sample.USER_ERRORS as e:
-        print(f"error: {sample.one_line(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    sample.run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -580,13 +580,19 @@ def one_line(message):
     return re.sub(r"\s*\n\s*", "; ", message)
 
 
-def main(argv=None):
-    config = parse_args(argv)  # argparse exits 2 with one line for a bad flag
+def run_cli(parse, run, argv=None):
+    """A script's main: parse (argparse exits 2 with one line for a bad flag), run, and report
+    a problem with the user's input as one line `error: ...` with exit code 2."""
+    config = parse(argv)
     try:
-        run(config)
+        return run(config)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def main(argv=None):
+    run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":
