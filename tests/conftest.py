@@ -2,8 +2,10 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import mmdit
 import vae as vae_lib
@@ -47,3 +49,19 @@ def one_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def read_png(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def expect_one_line_error(main, capsys, argv, *words):
+    """main(argv) must exit 2 with exactly one line on stderr, starting 'error:' and naming words."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err

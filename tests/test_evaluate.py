@@ -10,7 +10,7 @@ from PIL import Image
 import evaluate
 import shapes
 
-from conftest import make_checkpoint
+from conftest import expect_one_line_error, make_checkpoint
 
 ONE_THREAD = True
 
@@ -37,14 +37,7 @@ def without_timing(results):
 
 
 def expect_error(capsys, argv, *words):
-    """main(argv) must exit 2 with exactly one line on stderr, starting 'error:' and naming words."""
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
+    return expect_one_line_error(evaluate.main, capsys, argv, *words)
 
 
 # ----------------------------------------------------------------------------------------------

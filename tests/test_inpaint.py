@@ -12,7 +12,7 @@ import flow
 import inpaint
 import sample
 import shapes
-from conftest import PROMPTS, make_checkpoint  # the tiny self-describing checkpoint
+from conftest import expect_one_line_error, read_png, PROMPTS, make_checkpoint  # the tiny self-describing checkpoint
 
 ONE_THREAD = True
 
@@ -40,19 +40,8 @@ def image(w=24, h=16):
     return shapes.render(PROMPTS[1], w, h, rng=0)  # [3, H, W], pure palette colours
 
 
-def read_png(path):
-    return np.asarray(Image.open(path).convert("RGB")).astype(int)
-
-
 def expect_error(capsys, argv, *words):
-    """inpaint.main(argv) must exit 2 with one line on stderr, starting 'error:' and naming words."""
-    with pytest.raises(SystemExit) as e:
-        inpaint.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
+    return expect_one_line_error(inpaint.main, capsys, argv, *words)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import sample
 import shapes
 import weights
 
-from conftest import PROMPTS, make_checkpoint
+from conftest import expect_one_line_error, read_png, PROMPTS, make_checkpoint
 
 ONE_THREAD = True
 P = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt", PROMPTS[2]]
@@ -36,20 +36,8 @@ def main(argv):
     return sample.main(argv if "--device" in argv else [*argv, "--device", "cpu"])
 
 
-def read_png(path):
-    return np.asarray(Image.open(path).convert("RGB")).astype(int)
-
-
 def expect_error(capsys, argv, *words):
-    """main(argv) must exit 2 with exactly one line on stderr, starting 'error:' and naming words."""
-    with pytest.raises(SystemExit) as e:
-        sample.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
-    return err
+    return expect_one_line_error(sample.main, capsys, argv, *words)
 
 
 # ----------------------------------------------------------------------------------------------
