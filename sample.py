@@ -319,9 +319,11 @@ def _init_latents(pipe, image, n, width, height):
 
 @torch.no_grad()
 def generate(pipe, prompts, width, height, steps=None, cfg=None, shift=None, sampler=None, seed=0,
-             batch_size=8, init_image=None, strength=1.0, progress=True, trajectory=False):
+             batch_size=8, init_image=None, strength=1.0, progress=True, trajectory=False,
+             decode=True):
     """prompts (list of str, or a Conditioning) -> images [N, 3, H, W] in [-1, 1] on the CPU, and
     with trajectory=True also the decoded x0 estimate after every step, a list of [N, 3, H, W].
+    decode=False returns the final latents [N, z, h, w] (fp32, CPU) instead of images.
 
     Image i starts from the noise of seed + i, so it does not depend on batch_size. steps, cfg,
     shift, sampler: None means the checkpoint's default. img2img: init_image [3, H, W] in
@@ -369,8 +371,8 @@ def generate(pipe, prompts, width, height, steps=None, cfg=None, shift=None, sam
                 cond.uncond_pooled.to(device).expand(b, -1),                       # [b, Dp]
                 cfg=s["cfg"], sampler=s["sampler"], seeds=seeds,
                 x_init=None if x_init is None else x_init[rows], callback=after_step)
-            images.append(_decode(pipe, latents))
-    images = torch.cat(images)                                                  # [N, 3, H, W]
+            images.append(_decode(pipe, latents) if decode else latents.float().cpu())
+    images = torch.cat(images)                                      # [N, 3, H, W] or [N, z, h, w]
     return (images, [torch.cat(step) for step in frames]) if trajectory else images
 
 

@@ -92,29 +92,30 @@ PRESETS = {
 TEXT_ENCODER = {"name": "shapes", "dim": 64, "pooled_dim": 64, "seed": 0}
 
 
-def parse_args(argv):
-    """The CLI is generated from Config. Returns only the options given on the command line;
-    `make_config` adds the preset (or, with --resume, the run's saved config) under them."""
+def parse_given(cls, presets, argv, doc):
+    """The CLI of a training script, generated from its config dataclass. Returns only the
+    options given on the command line; `resolve_config` puts the preset (or, with --resume, the
+    run's saved config) under them."""
     import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    for f in dataclasses.fields(Config):
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], allow_abbrev=False)
+    for f in dataclasses.fields(cls):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
                        help=f"(default: {f.default})")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    if given.get("preset", "default") not in PRESETS:
-        p.error(f"--preset {given['preset']!r}: choose one of {', '.join(PRESETS)}")
+    if given.get("preset", "default") not in presets:
+        p.error(f"--preset {given['preset']!r}: choose one of {', '.join(presets)}")
     return given
 
 
-def make_config(given):
+def resolve_config(cls, presets, given, script):
     if given.get("resume"):
         path = os.path.join(given["resume"], "config.json")
         if not os.path.isfile(path):
             raise SystemExit(f"error: --resume {given['resume']}: no config.json there; pass a "
-                             "run folder made by train_teacher.py")
+                             f"run folder made by {script}")
         with open(path) as f:
-            return Config(**{**json.load(f), **given, "out": given["resume"]})
-    return Config(**{**PRESETS[given.get("preset", "default")], **given})
+            return cls(**{**json.load(f), **given, "out": given["resume"]})
+    return cls(**{**presets[given.get("preset", "default")], **given})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,7 +400,8 @@ def export(cfg, vae, ema, step, extra):
 
 
 def main(argv=None):
-    return train(make_config(parse_args(argv)))
+    return train(resolve_config(Config, PRESETS, parse_given(Config, PRESETS, argv, __doc__),
+                                "train_teacher.py"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,235 @@
+import json
+import os
+
+import pytest
+import torch
+
+import flow
+import mmdit
+import train_ladd
+import weights
+from conftest import expect_one_line_error, make_checkpoint
+from discriminator import Discriminator, hinge_d_loss
+from sample import load_pipeline
+
+ONE_THREAD = True
+TEACHER_SAMPLER = {"steps": 2, "cfg": 2.0, "shift": 1.0, "sampler": "euler"}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("teacher")), TEACHER_SAMPLER)
+
+
+def argv(teacher, out, *extra):
+    data = os.path.join(os.path.dirname(teacher), "data")  # shared cache: generated once
+    return ["--preset", "test", "--teacher", teacher, "--out", str(out), "--data-dir", data,
+            "--device", "cpu", "--judge-n", "0", *extra]
+
+
+def models(teacher_path):
+    pipe = load_pipeline(teacher_path)
+    teacher = pipe.model.requires_grad_(False)
+    torch.manual_seed(0)
+    student = mmdit.MMDiT(teacher.config)
+    student.load_state_dict(teacher.state_dict())
+    disc = Discriminator.for_teacher(teacher.config)
+    with torch.no_grad():  # heads start at logit 0 with zero gradient; make them opinionated
+        for p in disc.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return teacher, student, disc
+
+
+def batch(teacher, B=3, H=8, W=12, seed=0):
+    """A non-square batch (8 x 12 latent -> a 4 x 6 token map)."""
+    g = torch.Generator().manual_seed(seed)
+    c = teacher.config
+    x0 = torch.randn(B, c.in_channels, H, W, generator=g)
+    context, pooled = torch.randn(B, 5, c.context_dim, generator=g), torch.randn(B, c.pooled_dim, generator=g)
+    t = torch.tensor([1.0, 0.5, 0.25])[:B]
+    t_hat = flow.sample_t_logit_normal(B, 1.0, 1.0, g)
+    noise = {k: torch.randn(x0.shape, generator=g) for k in ("eps", "eps_fake", "eps_real")}
+    return (x0, context, pooled, t, t_hat), noise
+
+
+def snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    return [k for k, v in module.state_dict().items() if not torch.equal(before[k], v)]
+
+
+def opt(module):
+    return torch.optim.AdamW(module.parameters(), lr=1e-3)
+
+
+def test_generator_step_updates_the_student_only(teacher):
+    teacher_m, student, disc = models(teacher)
+    b, noise = batch(teacher_m)
+    before = [snapshot(m) for m in (teacher_m, student, disc)]
+    x0_hat, stats = train_ladd.generator_step(student, teacher_m, disc, opt(student), b, noise,
+                                              torch.float32, 1.0)
+    assert changed(before[1], student)                  # the student moved
+    assert not changed(before[0], teacher_m)            # the teacher did not
+    assert not changed(before[2], disc)                 # nor the heads (not its optimizer)
+    assert x0_hat.shape == b[0].shape and not x0_hat.requires_grad
+    assert stats["g_skipped"] == 0 and stats["g_grad_norm"] > 0
+
+
+def test_discriminator_step_updates_the_heads_only(teacher):
+    teacher_m, student, disc = models(teacher)
+    b, noise = batch(teacher_m)
+    before = [snapshot(m) for m in (teacher_m, student, disc)]
+    x0_hat = b[0] + 0.5 * torch.randn_like(b[0])
+    stats = train_ladd.discriminator_step(teacher_m, disc, opt(disc), b, x0_hat, noise,
+                                          torch.float32, 1.0)
+    assert set(changed(before[2], disc)) == set(before[2])  # every head parameter moved
+    assert not changed(before[0], teacher_m) and not changed(before[1], student)
+    assert stats["d_skipped"] == 0 and stats["d_loss"] > 0
+
+
+def test_generator_gradient_flows_through_the_frozen_teacher(teacher):
+    """The student's gradient exists, the teacher collects none, and it depends on the teacher's
+    weights: change the teacher and the student's gradient changes."""
+    def student_grad(teacher_m, student, disc):
+        b, noise = batch(teacher_m)
+        student.zero_grad()
+        x0, context, pooled, t, t_hat = b
+        x0_hat = flow.x0_from_v(flow.add_noise(x0, noise["eps"], t),
+                                student(flow.add_noise(x0, noise["eps"], t), t, context, pooled), t)
+        fake = flow.add_noise(x0_hat, noise["eps_fake"], t_hat)
+        feats = teacher_m.features(fake, t_hat, context, pooled, disc.blocks)
+        (-sum(l.mean() for l in disc(feats, t_hat, pooled))).backward()
+        assert all(p.grad is None for p in teacher_m.parameters())
+        return torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+
+    teacher_m, student, disc = models(teacher)
+    g1 = student_grad(teacher_m, student, disc)
+    assert g1.abs().sum() > 0
+    with torch.no_grad():
+        teacher_m.joint_blocks[0].x_block.mlp.fc2.weight.mul_(2.0)
+    g2 = student_grad(teacher_m, student, disc)
+    assert not torch.allclose(g1, g2)
+
+
+def test_heads_judge_non_square_token_maps_of_every_block(teacher):
+    teacher_m, _, disc = models(teacher)
+    (x0, context, pooled, _, t_hat), _ = batch(teacher_m, H=8, W=12)
+    feats = teacher_m.features(x0, t_hat, context, pooled, disc.blocks)
+    assert [f.shape[-2:] for f in feats] == [(4, 6)] * teacher_m.config.depth
+    logits = disc(feats, t_hat, pooled)
+    assert len(logits) == teacher_m.config.depth and all(l.shape == (3,) for l in logits)
+    assert hinge_d_loss(logits, logits).isfinite()
+
+
+def test_student_times_follow_the_warmup_then_the_main_distribution():
+    g = torch.Generator().manual_seed(0)
+    times, probs, warm = [1, .75, .5, .25], [.7, .1, .1, .1], [0, 0, .5, .5]
+    early = train_ladd.student_times(4000, 0, times, probs, warm, 10, g)
+    late = train_ladd.student_times(4000, 10, times, probs, warm, 10, g)
+    assert set(early.tolist()) == {0.5, 0.25}
+    assert abs((late == 1).float().mean().item() - 0.7) < 0.03
+    assert set(late.tolist()) == set(times)
+
+
+def test_one_run_makes_a_sampleable_4_step_student(teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_ladd.main(argv(teacher, out, "--judge-n", "4"))
+    for name in ("model.safetensors", "student.safetensors", "state.safetensors", "vae.safetensors",
+                 "log.jsonl", "config.json", "grid.png"):
+        assert (out / name).is_file(), name
+    pipe = load_pipeline(str(out))
+    sampler = json.loads(pipe.metadata["sampler"])
+    assert sampler["times"] == [1, 0.75, 0.5, 0.25] and sampler["cfg"] == 1.0
+    assert pipe.defaults["steps"] == 4 and json.loads(pipe.metadata["judge"])["nfe"] == 4
+    keys = set(weights.read_header(out / "model.safetensors")[0])
+    assert keys == set(mmdit.MMDiT(pipe.model.config).state_dict())  # the SD3 layout, bare keys
+    logs = [json.loads(line) for line in open(out / "log.jsonl")]
+    steps = [r for r in logs if "d_loss" in r]
+    assert [r["step"] for r in steps] == [0, 1, 2, 3]
+    for key in ("g_loss", "logit_real", "logit_fake", "g_grad_norm", "d_grad_norm", "skipped_g",
+                "samples_per_s"):
+        assert all(key in r for r in steps), key
+    assert {tuple(r["size"]) for r in steps} <= {(8, 8), (8, 12)}  # latents of the two buckets
+
+
+def test_resume_matches_an_uninterrupted_run(teacher, tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train_ladd.main(argv(teacher, whole, "--steps", "4"))
+    train_ladd.main(argv(teacher, part, "--steps", "2"))
+    assert weights.load_state(part / "state.safetensors")["step"] == 2
+    train_ladd.main(["--resume", str(part), "--steps", "4"])
+    a, b = weights.load_state(whole / "state.safetensors"), weights.load_state(part / "state.safetensors")
+    assert a["step"] == b["step"] == 4
+    flat_a, flat_b = tensors(a), tensors(b)
+    assert flat_a.keys() == flat_b.keys() and len(flat_a) > 100  # weights, EMA, heads, optimizers
+    for name in flat_a:
+        assert torch.equal(flat_a[name], flat_b[name]), name
+
+
+def tensors(tree, prefix=""):
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else []
+    return {k: v for key, sub in items for k, v in tensors(sub, f"{prefix}/{key}").items()}
+
+
+def test_the_synthetic_data_cache_is_reused(teacher, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    args = ["--data-dir", str(data), "--steps", "1"]
+    train_ladd.main(argv(teacher, tmp_path / "a", *args))
+    assert "8 generated now, 0 from the cache" in capsys.readouterr().out
+    calls = []
+    monkeypatch.setattr(train_ladd, "_write_shard", lambda *a, **k: calls.append(1))
+    train_ladd.main(argv(teacher, tmp_path / "b", *args))
+    assert "0 generated now, 8 from the cache" in capsys.readouterr().out and not calls
+    shards = sorted(p.name for p in next(data.iterdir()).glob("*.safetensors"))
+    assert shards == ["16x16_0000.safetensors", "24x16_0000.safetensors"]
+    # other settings, another dataset
+    monkeypatch.undo()
+    train_ladd.main(argv(teacher, tmp_path / "c", *args, "--data-cfg", "3"))
+    assert "8 generated now" in capsys.readouterr().out and len(list(data.iterdir())) == 2
+
+
+def test_a_non_finite_step_is_skipped_and_never_saved(teacher, tmp_path, monkeypatch):
+    real = train_ladd.sample_batch
+
+    def poisoned(*args):
+        x0, context, pooled = real(*args)
+        return x0 * float("nan"), context, pooled
+    monkeypatch.setattr(train_ladd, "sample_batch", poisoned)
+    out = tmp_path / "nan"
+    train_ladd.main(argv(teacher, out, "--steps", "2"))
+    state = weights.load_state(out / "state.safetensors")
+    assert state["skipped"] == {"g": 2, "d": 2}
+    saved = weights.load_file(out / "model.safetensors")
+    start = load_pipeline(teacher).model.state_dict()
+    assert all(torch.equal(saved[k], start[k]) for k in start)  # untouched, finite
+
+
+def test_bad_inputs_fail_before_any_work(teacher, tmp_path, capsys):
+    out = tmp_path / "bad"
+    vae_file = os.path.join(os.path.dirname(teacher), "shapes_vae.safetensors")
+    expect_one_line_error(train_ladd.main, capsys, argv(vae_file, out), vae_file)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\na cat on a sofa\n")
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--prompts", str(prompts)),
+                          "line 2")
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--student-config", "sd3-medium"),
+                          "in_channels", "16", "4")
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--student-config", "nope"),
+                          "nope", "shapes")
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--time-probs", "1,0"),
+                          "time-probs")
+    assert not out.exists()  # nothing was written
+
+
+def test_a_prompts_file_in_the_world_grammar_is_used(teacher, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\n")
+    train_ladd.main(argv(teacher, tmp_path / "p", "--prompts", str(prompts), "--steps", "1",
+                         "--data-dir", str(tmp_path / "data")))
+    shard = next((tmp_path / "data").iterdir()) / "16x16_0000.safetensors"
+    captions = json.loads(weights.load_metadata(shard)["captions"])
+    assert captions == ["a red circle on a blue background"] * 4

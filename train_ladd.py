@@ -1,0 +1,554 @@
+"""
+Latent Adversarial Diffusion Distillation: a many-step, guided teacher becomes a few-step,
+unguided student.
+
+    python train_ladd.py                          # the shipped shapes teacher -> a 4-step student
+    python train_ladd.py --resume runs/ladd       # continue a stopped run exactly
+    python train_ladd.py --teacher sd3_medium.safetensors --cond cond.safetensors --out runs/sd3
+
+One step (reference: ladd_notes in the README):
+  data     x0 = a latent the teacher generated itself (guided, many steps), with its prompt
+  student  t in {1, .75, .5, .25}; x_t = (1 - t) x0 + t eps; x0_hat = x_t - t student(x_t, t)
+  re-noise t_hat ~ logit-normal(1, 1); fake = noised x0_hat, real = noised x0 (same t_hat)
+  judge    the frozen teacher runs on both; a small head per block reads its image tokens
+  losses   heads: hinge (real up, fake down); student: -logit(fake), back-propagated
+           through the frozen teacher into the student
+The student starts as a copy of the teacher, never sees guidance, and samples in 4 steps.
+
+Everything random in a step (batch, times, noises) is drawn from a generator seeded by
+(seed, step), so `--resume` continues exactly where an interrupted run stopped. The synthetic
+dataset is generated once and cached under --data-dir, shared by all runs with the same settings.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import flow
+import mmdit
+import shapes
+import weights
+from discriminator import Discriminator, approx_r1, hinge_d_loss, hinge_g_loss
+from sample import (Conditioning, Pipeline, encode, generate, load_cond, load_pipeline,
+                    pick_device, pick_dtype, read_prompts, run_cli, save_strip)
+from train_teacher import ema_update, parse_given, resolve_config, step_generator
+
+
+@dataclass
+class Config:
+    out: str = "runs/ladd"             # run folder: student, state, log.jsonl, comparison grids
+    resume: str = ""                   # a run folder to continue
+    preset: str = "default"            # default | test (a few tiny steps, for tests)
+    teacher: str = "assets/shapes_teacher.safetensors"  # MMDiT checkpoint file or run folder
+    student_config: str = ""           # mmdit.CONFIGS name of a different student ("": the teacher's)
+    prompts: str = ""                  # prompts file, one a line ("": random shapes-world captions)
+    cond: str = ""                     # precomputed conditioning instead of prompts (see sample.py)
+    seed: int = 0                      # data, noise, heads and student init all derive from it
+    device: str = "auto"               # auto: cuda, then mps, then cpu
+    dtype: str = "auto"                # autocast dtype: auto = bf16 on CUDA, fp32 elsewhere
+    # data
+    data: str = "synthetic"            # synthetic: teacher latents | real: world renders via the VAE
+    data_size: int = 576               # latents in the dataset, split evenly over the sizes
+    data_dir: str = "runs/data"        # dataset cache; reused by every run with the same settings
+    data_steps: int = 0                # teacher sampling steps for synthetic data (0: its default)
+    data_cfg: float = 0.0              # teacher guidance for synthetic data (0: its default)
+    # LADD
+    steps: int = 300                   # student (generator) updates, one head update each
+    batch_size: int = 32               # latents per step, all of one size (aspect-ratio bucket)
+    lr: float = 1e-4                   # student AdamW
+    disc_lr: float = 2e-4              # heads AdamW, beta1 = 0
+    disc_blocks: str = "all"           # teacher blocks with a head: all | lastN | 0,2,3
+    disc_hidden: int = 48              # head width
+    times: str = "1,0.75,0.5,0.25"     # the student's timesteps (its sampler's schedule)
+    time_probs: str = "0.7,0.1,0.1,0.1"  # how often each is trained
+    warmup_probs: str = "0,0,0.5,0.5"  # ... during the first `warmup` steps
+    warmup: int = 30
+    t_hat_mean: float = 1.0            # re-noising level t_hat ~ logit-normal(mean, std)
+    t_hat_std: float = 1.0
+    distill_weight: float = 0.0        # weight of an ADD-style distillation loss (0: none, LADD)
+    r1_weight: float = 0.0             # weight of the approximate R1 penalty on the heads
+    grad_clip: float = 1.0             # clip both gradients to this norm
+    ema: float = 0.99                  # EMA decay of the student used for sampling
+    sampler: str = "euler"             # the student's sampler stored in its checkpoint
+    checkpointing: str = "auto"        # gradient checkpointing: auto (on CUDA) | on | off
+    # bookkeeping
+    log_every: int = 10
+    grid_every: int = 100              # comparison grid every this many steps (0: only at the end)
+    ckpt_every: int = 50               # resumable state every this many steps
+    judge_n: int = 256                 # shapes world: captions judged at the end (0: skip)
+    max_minutes: float = 0.0           # stop after this wall time (0: no limit)
+
+
+PRESETS = {
+    "default": {},
+    "test": dict(data_size=8, steps=4, batch_size=4, warmup=1, log_every=1, grid_every=0,
+                 ckpt_every=2, judge_n=4),
+}
+
+
+def parse_list(text, name, kind=float):
+    try:
+        return [kind(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"--{name} {text!r}: want comma-separated numbers, e.g. 1,0.75,0.5,0.25") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# the algorithm: four small functions
+
+
+def student_times(n, step, times, probs, warmup_probs, warmup, generator):
+    """The student's training timesteps [n]: drawn from `times` with `warmup_probs` for the first
+    `warmup` steps (low noise only: the student first learns to finish images), then `probs`."""
+    p = torch.tensor(warmup_probs if step < warmup else probs, dtype=torch.float)
+    index = torch.multinomial(p, n, replacement=True, generator=generator)
+    return torch.tensor(times, dtype=torch.float)[index]                   # [n]
+
+
+def generator_step(student, teacher, disc, opt, batch, noise, amp, grad_clip, distill=None):
+    """One student update. batch: x0, context, pooled, t, t_hat; noise: eps (student input) and
+    eps_fake (re-noising). Returns x0_hat (detached, for the heads' step) and statistics.
+
+    The teacher's parameters are frozen, but the fake features are computed with autograd on,
+    so the heads' verdict flows back through the teacher into the student."""
+    x0, context, pooled, t, t_hat = batch
+    device = x0.device
+    with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+        x_t = flow.add_noise(x0, noise["eps"], t)                                  # [B, C, H, W]
+        x0_hat = flow.x0_from_v(x_t, student(x_t, t, context, pooled).float(), t)  # [B, C, H, W]
+        fake = flow.add_noise(x0_hat, noise["eps_fake"], t_hat)                   # [B, C, H, W]
+        features = teacher.features(fake, t_hat, context, pooled, disc.blocks)   # [B, D, h, w] each
+        logits = disc([f.float() for f in features], t_hat, pooled)
+        loss = hinge_g_loss(logits)
+        stats = {"g_loss": loss.item()}
+        if distill is not None:  # ADD: pull x0_hat to the guided teacher's denoising of `fake`
+            weight, uncond_context, uncond_pooled, scale = distill
+            with torch.no_grad():
+                v = flow.cfg_velocity(teacher, fake.detach(), t_hat, context, pooled,
+                                      uncond_context, uncond_pooled, scale).float()
+                target = flow.x0_from_v(fake.detach(), v, t_hat)                   # [B, C, H, W]
+            distill_loss = F.mse_loss(x0_hat, target)
+            loss = loss + weight * distill_loss
+            stats["distill_loss"] = distill_loss.item()
+    stats["g_grad_norm"], stats["g_skipped"] = _update(opt, loss, student.parameters(), grad_clip)
+    stats["logit_fake_g"] = torch.stack([l.mean() for l in logits]).mean().item()
+    return x0_hat.detach(), stats
+
+
+def discriminator_step(teacher, disc, opt, batch, x0_hat, noise, amp, grad_clip, r1_weight=0.0,
+                       generator=None):
+    """One heads update: real = noised x0, fake = noised x0_hat (the same t_hat, fresh noises),
+    both judged through the teacher in one batched pass without autograd."""
+    x0, context, pooled, t, t_hat = batch
+    device = x0.device
+    B = x0.shape[0]
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+        real = flow.add_noise(x0, noise["eps_real"], t_hat)                       # [B, C, H, W]
+        fake = flow.add_noise(x0_hat, noise["eps_fake"], t_hat)                   # [B, C, H, W]
+        features = teacher.features(torch.cat([real, fake]), t_hat.repeat(2),     # [2B, D, h, w]
+                                    context.repeat(2, 1, 1), pooled.repeat(2, 1), disc.blocks)
+    features = [f.float() for f in features]
+    with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+        logits = disc(features, t_hat.repeat(2), pooled.repeat(2, 1))             # [2B] each
+        real_logits, fake_logits = [l[:B] for l in logits], [l[B:] for l in logits]
+        loss = hinge_d_loss(real_logits, fake_logits)
+        stats = {"d_loss": loss.item()}
+        if r1_weight:
+            r1 = approx_r1(disc, [f[:B] for f in features], t_hat, pooled, generator=generator)
+            loss = loss + r1_weight / 2 * r1
+            stats["r1"] = r1.item()
+    stats["d_grad_norm"], stats["d_skipped"] = _update(opt, loss, disc.parameters(), grad_clip)
+    stats["logit_real"] = torch.stack([l.mean() for l in real_logits]).mean().item()
+    stats["logit_fake"] = torch.stack([l.mean() for l in fake_logits]).mean().item()
+    return stats
+
+
+def _update(opt, loss, params, grad_clip):
+    """backward, clip, step; a step whose loss or gradient is not finite is skipped (and counted),
+    so no NaN ever reaches the weights. -> (grad norm, 1 if skipped else 0)"""
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return float("nan"), 1
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip)
+    if not torch.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return norm.item(), 1
+    opt.step()
+    return norm.item(), 0
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+def load_teacher(cfg, device, amp):
+    """The teacher's pipeline (MMDiT, VAE, text encoder, sampling defaults), frozen. On CUDA it is
+    stored in the autocast dtype: it is never updated, only run and differentiated through."""
+    pipe = load_pipeline(cfg.teacher, device, amp if device.type == "cuda" else torch.float32)
+    if pipe.model.config.in_channels != pipe.model.config.out_channels:
+        raise ValueError(f"--teacher {cfg.teacher}: a text-to-image MMDiT has as many output as "
+                         f"input channels, this one {pipe.model.config.in_channels} -> "
+                         f"{pipe.model.config.out_channels}")
+    return pipe
+
+
+def student_config(cfg, teacher_config):
+    """The teacher's config, or the named one; the latent channels, text widths and positional
+    grid must fit the teacher's (they share data and conditioning)."""
+    if not cfg.student_config:
+        return teacher_config
+    if cfg.student_config not in mmdit.CONFIGS:
+        raise ValueError(f"--student-config {cfg.student_config!r}: not a named config; choose one "
+                         f"of {', '.join(mmdit.CONFIGS)}")
+    s, t = mmdit.CONFIGS[cfg.student_config], teacher_config
+    for field in ("in_channels", "out_channels", "context_dim", "pooled_dim", "patch_size"):
+        if getattr(s, field) != getattr(t, field):
+            raise ValueError(
+                f"--student-config {cfg.student_config}: {field} is {getattr(s, field)} but the "
+                f"teacher's is {getattr(t, field)}; student and teacher share latents and text "
+                f"conditioning, so pick a config with {field}={getattr(t, field)}")
+    if s.pos_embed_max_size < t.pos_embed_max_size:
+        raise ValueError(f"--student-config {cfg.student_config}: its positional grid "
+                         f"({s.pos_embed_max_size}) is smaller than the teacher's "
+                         f"({t.pos_embed_max_size})")
+    return s
+
+
+def make_student(cfg, teacher):
+    """A copy of the teacher (fp32 master weights), or a freshly initialised smaller model."""
+    config = student_config(cfg, teacher.config)
+    torch.manual_seed(cfg.seed)
+    student = mmdit.MMDiT(config)
+    if config == teacher.config:
+        student.load_state_dict({k: v.float() for k, v in teacher.state_dict().items()})
+    return student
+
+
+# ----------------------------------------------------------------------------------------------
+# data: the teacher's own samples (or world renders), cached as safetensors shards
+
+
+def is_shapes(pipe):
+    return isinstance(pipe.text_encoder, shapes.ShapesTextEncoder)
+
+
+def prompt_source(cfg, pipe):
+    """-> (describe: str for the cache key, conditioning(indices) -> (Conditioning, captions))."""
+    if cfg.cond and cfg.prompts:
+        raise ValueError("--cond replaces --prompts; pass one or the other")
+    if cfg.cond:
+        cond = load_cond(cfg.cond)
+        want = (pipe.model.config.context_dim, pipe.model.config.pooled_dim)
+        if (cond.context.shape[-1], cond.pooled.shape[-1]) != want:
+            raise ValueError(f"--cond {cfg.cond}: (context, pooled) widths "
+                             f"{(cond.context.shape[-1], cond.pooled.shape[-1])} but the teacher "
+                             f"takes {want}")
+
+        def take(index):
+            rows = [i % len(cond) for i in index]
+            return Conditioning(cond.context[rows], cond.pooled[rows], cond.uncond_context,
+                                cond.uncond_pooled), [f"cond {r}" for r in rows]
+        return f"cond:{_file_id(cfg.cond)}", take
+    if cfg.prompts:
+        lines = read_prompts([cfg.prompts])
+        if not lines:
+            raise ValueError(f"--prompts {cfg.prompts}: no prompts in it (one a line)")
+        if is_shapes(pipe):
+            for n, line in enumerate(lines, 1):
+                try:
+                    shapes.parse_caption(line)
+                except ValueError as e:
+                    raise ValueError(f"--prompts {cfg.prompts} line {n}: {e}") from None
+        describe, pick = "prompts:" + hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12], \
+            lambda index: [lines[i % len(lines)] for i in index]
+    elif is_shapes(pipe):
+        describe = "shapes-random"
+
+        def pick(index):  # caption i is a pure function of (seed, i)
+            return [shapes.random_caption(np.random.default_rng([cfg.seed, i])) for i in index]
+    else:
+        raise ValueError(f"--teacher {cfg.teacher} is not a shapes-world model: pass --prompts "
+                         "FILE (one prompt a line) or --cond FILE (precomputed conditioning)")
+
+    def take(index):
+        captions = pick(index)
+        return encode(pipe, captions), captions
+    return describe, take
+
+
+def _file_id(path):
+    """Names a file's contents cheaply: its size and a hash of its safetensors header."""
+    infos, meta = weights.read_header(path)
+    text = json.dumps([os.path.getsize(path), sorted(meta.items()),
+                       sorted((k, str(v)) for k, v in infos.items())])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def data_settings(cfg, pipe, describe):
+    """Everything the dataset depends on; its hash names the cache folder."""
+    d = pipe.defaults
+    return {"kind": cfg.data, "teacher": _file_id(pipe.path), "prompts": describe,
+            "steps": cfg.data_steps or d["steps"], "cfg": cfg.data_cfg or d["cfg"],
+            "shift": d.get("shift"), "sampler": d["sampler"], "sizes": [list(s) for s in pipe.sizes],
+            "size": cfg.data_size, "seed": cfg.seed}
+
+
+SHARD = 64  # latents per cache file
+
+
+def build_dataset(cfg, pipe, describe, take):
+    """-> {(width, height): (latents [N, C, h, w], context [N, L, Dc], pooled [N, Dp])} from the
+    cache, generating (and caching, one atomic shard at a time) whatever is missing."""
+    settings = data_settings(cfg, pipe, describe)
+    folder = os.path.join(cfg.data_dir, hashlib.sha1(json.dumps(settings, sort_keys=True)
+                                                     .encode()).hexdigest()[:16])
+    os.makedirs(folder, exist_ok=True)
+    weights.atomic_write(os.path.join(folder, "settings.json"),
+                         lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    per_size = max(1, cfg.data_size // len(pipe.sizes))
+    todo = [(k, size, start) for k, size in enumerate(pipe.sizes)
+            for start in range(0, per_size, SHARD)]
+    dataset, made = {}, 0
+    bar = tqdm(todo, desc=f"{cfg.data} data", unit="shard", dynamic_ncols=True)
+    for k, (w, h), start in bar:
+        path = os.path.join(folder, f"{w}x{h}_{start // SHARD:04d}.safetensors")
+        if not os.path.isfile(path):
+            index = list(range(k * per_size + start, k * per_size + min(start + SHARD, per_size)))
+            _write_shard(cfg, pipe, take, index, w, h, path, settings)
+            made += len(index)
+        shard = weights.load_file(path)
+        parts = dataset.setdefault((w, h), [])
+        parts.append({k: v.float() for k, v in shard.items()})
+    bar.close()
+    print(f"data: {per_size * len(pipe.sizes)} {cfg.data} latents in {folder} "
+          f"({made} generated now, {per_size * len(pipe.sizes) - made} from the cache)")
+    return {size: tuple(torch.cat([p[k] for p in parts]) for k in ("latents", "context", "pooled"))
+            for size, parts in dataset.items()}
+
+
+def _write_shard(cfg, pipe, take, index, w, h, path, settings):
+    cond, captions = take(index)
+    if cfg.data == "synthetic":  # the teacher's own guided samples, from seeds no student sees
+        latents = generate(pipe, cond, w, h, steps=settings["steps"], cfg=settings["cfg"],
+                           seed=10_000_000 + index[0], batch_size=len(index), progress=False,
+                           decode=False)                                       # [n, C, h, w]
+    else:  # real: rendered images of the captions, through the VAE
+        if not is_shapes(pipe):
+            raise ValueError("--data real exists for the shapes world only (it renders captions)")
+        images = shapes.render_batch(captions, w, h, seed=index[0])            # [n, 3, H, W]
+        with torch.no_grad():
+            latents = pipe.vae.encode(images.to(pipe.device, pipe.dtype)).float().cpu()
+    weights.save_file({"latents": latents.half(), "context": cond.context.half(),
+                       "pooled": cond.pooled.half()}, path,
+                      {"captions": json.dumps(captions), "settings": json.dumps(settings)})
+
+
+def sample_batch(dataset, batch_size, generator, device):
+    """One aspect-ratio bucket, then distinct random rows of it."""
+    sizes = sorted(dataset)
+    latents, context, pooled = dataset[sizes[int(torch.randint(len(sizes), (1,), generator=generator))]]
+    rows = torch.randperm(len(latents), generator=generator)[:batch_size]
+    return latents[rows].to(device), context[rows].to(device), pooled[rows].to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+
+
+def student_metadata(cfg, teacher_pipe, step, extra=None):
+    """What sample.py needs: the teacher's text encoder, this run's VAE copy, the student's
+    sampler (its training times, no guidance) and sizes."""
+    meta = {
+        "vae": "vae.safetensors",
+        "sampler": json.dumps({"times": parse_list(cfg.times, "times"), "cfg": 1.0,
+                               "sampler": cfg.sampler}),
+        "sizes": json.dumps([list(s) for s in teacher_pipe.sizes]),
+        "teacher": os.path.abspath(teacher_pipe.path),
+        "train_steps": str(step),
+        "command": "python train_ladd.py " + " ".join(sys.argv[1:]),
+        "train_config": json.dumps(asdict(cfg)),
+    }
+    if "text_encoder" in teacher_pipe.metadata:
+        meta["text_encoder"] = teacher_pipe.metadata["text_encoder"]
+    meta.update(extra or {})
+    return meta
+
+
+def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):
+    """Rows: teacher at its default (guided) steps | teacher 4 steps | student 4 | student 1;
+    the same prompts and seeds in every column. The teacher rows are computed once (cache)."""
+    cond, captions = grid
+    w, h = teacher_pipe.sizes[0]
+    d = teacher_pipe.defaults
+    if not cache:
+        cache[f"teacher {d['steps']} steps, cfg {d['cfg']:g}"] = generate(
+            teacher_pipe, cond, w, h, seed=0, progress=False)
+        cache[f"teacher 4 steps, cfg {d['cfg']:g}"] = generate(teacher_pipe, cond, w, h, steps=4,
+                                                               seed=0, progress=False)
+    rows = dict(cache)
+    rows["student 4 steps"] = generate(student_pipe, cond, w, h, steps=4, seed=0, progress=False)
+    rows["student 1 step"] = generate(student_pipe, cond, w, h, steps=1, seed=0, progress=False)
+    save_strip(list(rows.values()), path, labels=list(rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def check_config(cfg):
+    if cfg.data not in ("synthetic", "real"):
+        raise ValueError(f"--data {cfg.data!r}: choose synthetic or real")
+    if cfg.checkpointing not in ("auto", "on", "off"):
+        raise ValueError(f"--checkpointing {cfg.checkpointing!r}: choose auto, on or off")
+    if cfg.sampler not in flow.SAMPLERS:
+        raise ValueError(f"--sampler {cfg.sampler!r}: choose one of {', '.join(flow.SAMPLERS)}")
+    times, probs = parse_list(cfg.times, "times"), parse_list(cfg.time_probs, "time-probs")
+    warm = parse_list(cfg.warmup_probs, "warmup-probs")
+    if not all(0 < t <= 1 for t in times) or times[0] != 1:
+        raise ValueError(f"--times {cfg.times}: want decreasing times in (0, 1] starting at 1")
+    for name, p in (("time-probs", probs), ("warmup-probs", warm)):
+        if len(p) != len(times) or min(p) < 0 or sum(p) <= 0:
+            raise ValueError(f"--{name} {','.join(map(str, p))}: want {len(times)} non-negative "
+                             f"weights, one per --times value")
+    if cfg.batch_size < 1 or cfg.data_size < 1 or cfg.steps < 0:
+        raise ValueError("--batch-size and --data-size must be >= 1 and --steps >= 0")
+
+
+def train(cfg):
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    amp = pick_dtype(cfg.dtype, device)
+    checkpointing = cfg.checkpointing == "on" or (cfg.checkpointing == "auto" and device.type == "cuda")
+
+    # everything that can be wrong with the input fails here, before any work
+    teacher_pipe = load_teacher(cfg, device, amp)
+    teacher = teacher_pipe.model.requires_grad_(False)
+    describe, take = prompt_source(cfg, teacher_pipe)
+    student = make_student(cfg, teacher).to(device)
+    disc = Discriminator.for_teacher(teacher.config, cfg.disc_blocks, cfg.disc_hidden).to(device)
+    times, probs = parse_list(cfg.times, "times"), parse_list(cfg.time_probs, "time-probs")
+    warm = parse_list(cfg.warmup_probs, "warmup-probs")
+    student.gradient_checkpointing = teacher.gradient_checkpointing = checkpointing
+
+    os.makedirs(cfg.out, exist_ok=True)
+    weights.atomic_write(os.path.join(cfg.out, "config.json"),
+                         lambda f: f.write(json.dumps(asdict(cfg), indent=1).encode()))
+    teacher_pipe.vae.save_pretrained(os.path.join(cfg.out, "vae.safetensors"))
+    dataset = build_dataset(cfg, teacher_pipe, describe, take)
+    distill = None
+    if cfg.distill_weight:
+        u = take([0])[0]  # its uncond_* are the empty prompt's
+        distill = (cfg.distill_weight, u.uncond_context.to(device), u.uncond_pooled.to(device),
+                   teacher_pipe.defaults["cfg"])
+
+    ema = mmdit.MMDiT(student.config).to(device).requires_grad_(False)
+    ema.load_state_dict(student.state_dict())
+    opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99), weight_decay=0.0)
+    state_path = os.path.join(cfg.out, "state.safetensors")
+    start, skipped = 0, {"g": 0, "d": 0}
+    if cfg.resume and os.path.isfile(state_path):
+        state = weights.load_state(state_path)
+        for module, key in ((student, "student"), (ema, "ema"), (disc, "disc"),
+                            (opt_g, "opt_g"), (opt_d, "opt_d")):
+            module.load_state_dict(state[key])
+        start, skipped = state["step"], state["skipped"]
+        print(f"resumed {cfg.out} at step {start}")
+    student_pipe = Pipeline(model=ema, text_encoder=teacher_pipe.text_encoder, vae=teacher_pipe.vae,
+                            defaults={"times": times, "steps": len(times), "cfg": 1.0,
+                                      "sampler": cfg.sampler},
+                            sizes=teacher_pipe.sizes, path=cfg.out)
+    grid, grid_cache = take(list(range(10_000_000, 10_000_006))), {}  # fixed, outside the data
+    print(f"student {mmdit.count_params(student) / 1e6:.2f}M, teacher "
+          f"{mmdit.count_params(teacher) / 1e6:.2f}M, {len(disc.blocks)} heads "
+          f"{mmdit.count_params(disc) / 1e6:.2f}M; {cfg.steps} steps of {cfg.batch_size} on "
+          f"{device} ({amp})")
+
+    logf = open(os.path.join(cfg.out, "log.jsonl"), "a")
+
+    def save(step, extra=None):
+        """Weights first, then the state that points past them; each file written atomically."""
+        meta = student_metadata(cfg, teacher_pipe, step, extra)
+        ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"), meta)
+        student.save_pretrained(os.path.join(cfg.out, "student.safetensors"), meta)
+        weights.save_state({"student": student.state_dict(), "ema": ema.state_dict(),
+                            "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
+                            "opt_d": opt_d.state_dict(), "step": step, "skipped": skipped},
+                           state_path)
+
+    t0, seen, step = time.time(), 0, start
+    bar = tqdm(range(start, cfg.steps), desc="ladd", initial=start, total=cfg.steps,
+               dynamic_ncols=True)
+    for step in bar:
+        g = step_generator(cfg.seed, step, torch.device("cpu"))
+        x0, context, pooled = sample_batch(dataset, cfg.batch_size, g, device)   # [B, C, h, w] ...
+        B = x0.shape[0]
+        t = student_times(B, step, times, probs, warm, cfg.warmup, g).to(device)  # [B]
+        t_hat = flow.sample_t_logit_normal(B, cfg.t_hat_mean, cfg.t_hat_std, g, device)  # [B]
+        noise = {k: torch.randn(x0.shape, generator=g).to(device)
+                 for k in ("eps", "eps_fake", "eps_real")}
+        batch = (x0, context, pooled, t, t_hat)
+        x0_hat, stats = generator_step(student, teacher, disc, opt_g, batch, noise, amp,
+                                       cfg.grad_clip, distill)
+        stats.update(discriminator_step(teacher, disc, opt_d, batch, x0_hat, noise, amp,
+                                        cfg.grad_clip, cfg.r1_weight, g))
+        skipped["g"] += stats.pop("g_skipped")
+        skipped["d"] += stats.pop("d_skipped")
+        ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))
+        seen += B
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            rate = seen / (time.time() - t0)
+            logf.write(json.dumps({"step": step, **{k: round(v, 5) for k, v in stats.items()},
+                                   "skipped_g": skipped["g"], "skipped_d": skipped["d"],
+                                   "size": list(x0.shape[-2:]), "samples_per_s": round(rate, 2)})
+                       + "\n")
+            logf.flush()
+            bar.set_postfix(d=f"{stats['d_loss']:.2f}", g=f"{stats['g_loss']:.2f}",
+                            real=f"{stats['logit_real']:.2f}", fake=f"{stats['logit_fake']:.2f}",
+                            refresh=False)
+        if cfg.grid_every and step % cfg.grid_every == 0:
+            comparison_grid(teacher_pipe, student_pipe, grid,
+                            os.path.join(cfg.out, f"grid_{step:06d}.png"), grid_cache)
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+            save(step + 1)
+        if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes:
+            print(f"stopping after {cfg.max_minutes} minutes at step {step + 1}")
+            break
+    step = step + 1 if cfg.steps > start else start
+    save(step)
+    comparison_grid(teacher_pipe, student_pipe, grid, os.path.join(cfg.out, "grid.png"), grid_cache)
+    extra = {"train_minutes": f"{(time.time() - t0) / 60:.1f}", "skipped_steps": json.dumps(skipped)}
+    if cfg.judge_n and is_shapes(teacher_pipe):
+        from evaluate import judge_pipeline
+        scores = judge_pipeline(student_pipe, cfg.judge_n, seed=1234, progress=True)
+        print("student, 4 steps, judged:", json.dumps(scores))
+        logf.write(json.dumps({"step": step, "judge": scores}) + "\n")
+        extra["judge"] = json.dumps(scores)
+    logf.close()
+    save(step, extra)
+    print(f"student: {os.path.join(cfg.out, 'model.safetensors')} (grid: {cfg.out}/grid.png; "
+          f"skipped steps: {skipped})")
+    return student_pipe
+
+
+def parse_args(argv=None):
+    return parse_given(Config, PRESETS, argv, __doc__)
+
+
+def main(argv=None):
+    return run_cli(parse_args, lambda given: train(resolve_config(Config, PRESETS, given,
+                                                                  "train_ladd.py")), argv)
+
+
+if __name__ == "__main__":
+    main()
