@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import flow
 import shapes
+import text_encoders
 import weights
 from mmdit import MMDiT
 from vae import VAE
@@ -138,7 +139,7 @@ class Conditioning:
 
 
 class UnavailableTextEncoder:
-    """Stands in for a text encoder this project does not have yet; encode() says what to do."""
+    """Stands in for text encoders a checkpoint does not have; encode() says what to do."""
 
     def __init__(self, name, path):
         self.name, self.path = name, path
@@ -147,11 +148,16 @@ class UnavailableTextEncoder:
         return self
 
     def encode(self, prompts):
+        if self.name == "sd3":
+            raise NotImplementedError(
+                f"{self.path}: holds no SD3 text encoders (no text_encoders.* tensors, no "
+                "text_encoder/ folder, no 'file' in its 'text_encoder' metadata); precompute the "
+                "conditioning with `python text_encoders.py --ckpt SD3_FILE_WITH_ENCODERS --prompts "
+                "PROMPTS.txt --out cond/` and pass --cond cond/cond-00000.safetensors")
         raise NotImplementedError(
-            f"{self.path}: wants the {self.name!r} text encoders (SD3: CLIP-L, CLIP-G, T5-XXL), "
-            "which are not implemented yet; pass --cond FILE instead, a safetensors with 'context' "
-            "[N, L, Dc] and 'pooled' [N, Dp] (optionally 'uncond_context' [1, L, Dc] and "
-            "'uncond_pooled' [1, Dp]; zeros otherwise)")
+            f"{self.path}: wants the {self.name!r} text encoder, which is not implemented; pass "
+            "--cond FILE instead, a safetensors with 'context' [N, L, Dc] and 'pooled' [N, Dp] "
+            "(optionally 'uncond_context' [1, L, Dc] and 'uncond_pooled' [1, Dp]; zeros otherwise)")
 
 
 def _meta_json(meta, key, path, default):
@@ -194,6 +200,12 @@ def _vae_file(path, meta):
 def _text_encoder(path, meta, model):
     spec = _meta_json(meta, "text_encoder", path, {"name": "sd3"})
     name = spec.get("name") if isinstance(spec, dict) else None
+    if name == "sd3":  # CLIP-L, CLIP-G (and T5-XXL) from the checkpoint or a file its metadata names
+        encoder = text_encoders.for_checkpoint(path, spec, context_dim=model.config.context_dim)
+        if encoder is not None and encoder.pooled_dim != model.config.pooled_dim:
+            raise ValueError(f"{path}: its text encoders give pooled vectors of {encoder.pooled_dim} "
+                             f"but the MMDiT takes {model.config.pooled_dim}")
+        return encoder or UnavailableTextEncoder(name, path)
     if name != "shapes":
         return UnavailableTextEncoder(name, path)
     encoder = shapes.ShapesTextEncoder(dim=spec.get("dim", 64), pooled_dim=spec.get("pooled_dim", 64),

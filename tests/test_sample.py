@@ -180,13 +180,13 @@ def test_cond_file_replaces_the_text_encoder(teacher, tmp_path):
         assert np.abs(a - b).max() <= 1
 
 
-def test_sd3_text_encoder_is_a_clear_error(tmp_path, capsys):
+def test_missing_sd3_text_encoders_are_a_clear_error(tmp_path, capsys):
     path = make_checkpoint(str(tmp_path), {"steps": 2, "cfg": 1.0})
     meta = weights.load_metadata(path)
     meta["text_encoder"] = json.dumps({"name": "sd3"})
     weights.save_file(dict(weights.load_file(path)), path + ".sd3", meta)
     expect_error(capsys, ["--ckpt", path + ".sd3", "--prompt", PROMPTS[0], "--out", str(tmp_path / "o")],
-                 "not implemented yet", "--cond")
+                 "holds no SD3 text encoders", "text_encoders.py", "--cond")
 
 
 def test_missing_vae_names_the_expected_path(tmp_path, capsys):
