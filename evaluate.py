@@ -124,7 +124,8 @@ def evaluate_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **over
             continue
         part = [captions[j] for j in index]
         t0 = time.perf_counter()
-        generated = generate(pipe, part, w, h, seed=seed + 1000 * k, progress=progress, **overrides)
+        generated = generate(pipe, part, w, h, seed=seed + 1000 * k, batch_size=64, progress=progress,
+                             **overrides)
         seconds += time.perf_counter() - t0
         rendered = shapes.render_batch(part, w, h, seed=seed + 10 ** 6 + k * n)
         for key, value in shapes.judge_batch(generated, part).items():

@@ -56,7 +56,7 @@ class SampleConfig:
     strength: float = None           # img2img: share of the steps run (0 = keep input); None: 0.6
     out: str = "samples"             # folder for 000.png ..., grid.png, prompts.txt, config.json
     trajectory: bool = False         # also trajectory.png: each sample's x0 estimate at every step
-    cond: str = None                 # safetensors of context, pooled (uncond_*) instead of prompts
+    cond: str = None                 # context, pooled (uncond_*) file or shard folder, not prompts
     device: str = "auto"             # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"              # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
     quiet: bool = False              # no progress bar and no messages
@@ -251,9 +251,10 @@ def encode(pipe, prompts):
 
 
 def load_cond(path):
-    """A --cond file -> Conditioning. Tensors: context [N, L, Dc], pooled [N, Dp], and optionally
-    uncond_context [1, L, Dc], uncond_pooled [1, Dp] (zeros when absent)."""
-    t = weights.load_file(path)
+    """A --cond file (or a folder of text_encoders.py shards) -> Conditioning. Tensors: context
+    [N, L, Dc], pooled [N, Dp], and optionally uncond_context [1, L, Dc], uncond_pooled [1, Dp]
+    (zeros when absent)."""
+    t = text_encoders.read_shards(path)[1] if os.path.isdir(path) else weights.load_file(path)
     if "context" not in t or "pooled" not in t:
         raise ValueError(f"{path}: a --cond file needs tensors 'context' [N, L, Dc] and 'pooled' "
                          f"[N, Dp]; it has {sorted(t) or 'none'}")

@@ -51,7 +51,7 @@ class Config:
     teacher: str = "assets/shapes_teacher.safetensors"  # MMDiT checkpoint file or run folder
     student_config: str = ""           # mmdit.CONFIGS name of a different student ("": the teacher's)
     prompts: str = ""                  # prompts file, one a line ("": random shapes-world captions)
-    cond: str = ""                     # precomputed conditioning instead of prompts (see sample.py)
+    cond: str = ""                     # precomputed conditioning file or shard folder, not prompts
     seed: int = 0                      # data, noise, heads and student init all derive from it
     device: str = "auto"               # auto: cuda, then mps, then cpu
     dtype: str = "auto"                # autocast dtype: auto = bf16 on CUDA, fp32 elsewhere
@@ -116,7 +116,8 @@ def student_times(n, step, times, probs, warmup_probs, warmup, generator):
 
 def generator_step(student, teacher, disc, opt, batch, noise, amp, grad_clip, distill=None):
     """One student update. batch: x0, context, pooled, t, t_hat; noise: eps (student input) and
-    eps_fake (re-noising). Returns x0_hat (detached, for the heads' step) and statistics.
+    eps_fake (re-noising). Returns the teacher's features of the fake batch (detached: the heads'
+    step judges them next) and statistics.
 
     The teacher's parameters are frozen, but the fake features are computed with autograd on,
     so the heads' verdict flows back through the teacher into the student."""
@@ -133,30 +134,31 @@ def generator_step(student, teacher, disc, opt, batch, noise, amp, grad_clip, di
         if distill is not None:  # ADD: pull x0_hat to the guided teacher's denoising of `fake`
             weight, uncond_context, uncond_pooled, scale = distill
             with torch.no_grad():
+                B = x0.shape[0]
                 v = flow.cfg_velocity(teacher, fake.detach(), t_hat, context, pooled,
-                                      uncond_context, uncond_pooled, scale).float()
+                                      uncond_context.expand(B, -1, -1),            # [B, L, Dc]
+                                      uncond_pooled.expand(B, -1), scale).float()  # [B, Dp]
                 target = flow.x0_from_v(fake.detach(), v, t_hat)                   # [B, C, H, W]
             distill_loss = F.mse_loss(x0_hat, target)
             loss = loss + weight * distill_loss
             stats["distill_loss"] = distill_loss.item()
     stats["g_grad_norm"], stats["g_skipped"] = _update(opt, loss, student.parameters(), grad_clip)
     stats["logit_fake_g"] = torch.stack([l.mean() for l in logits]).mean().item()
-    return x0_hat.detach(), stats
+    return [f.detach().float() for f in features], stats
 
 
-def discriminator_step(teacher, disc, opt, batch, x0_hat, noise, amp, grad_clip, r1_weight=0.0,
-                       generator=None):
-    """One heads update: real = noised x0, fake = noised x0_hat (the same t_hat, fresh noises),
-    both judged through the teacher in one batched pass without autograd."""
+def discriminator_step(teacher, disc, opt, batch, fake_features, noise, amp, grad_clip,
+                       r1_weight=0.0, generator=None):
+    """One heads update: real = x0 noised to t_hat with fresh noise, judged through the teacher
+    without autograd; fake = the generator step's features of the student's x0_hat at the same
+    t_hat (reused: the teacher is not run twice on the same input)."""
     x0, context, pooled, t, t_hat = batch
     device = x0.device
     B = x0.shape[0]
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
         real = flow.add_noise(x0, noise["eps_real"], t_hat)                       # [B, C, H, W]
-        fake = flow.add_noise(x0_hat, noise["eps_fake"], t_hat)                   # [B, C, H, W]
-        features = teacher.features(torch.cat([real, fake]), t_hat.repeat(2),     # [2B, D, h, w]
-                                    context.repeat(2, 1, 1), pooled.repeat(2, 1), disc.blocks)
-    features = [f.float() for f in features]
+        real_features = teacher.features(real, t_hat, context, pooled, disc.blocks)  # [B, D, h, w] each
+    features = [torch.cat([r.float(), f]) for r, f in zip(real_features, fake_features)]  # [2B, D, h, w]
     with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
         logits = disc(features, t_hat.repeat(2), pooled.repeat(2, 1))             # [2B] each
         real_logits, fake_logits = [l[:B] for l in logits], [l[B:] for l in logits]
@@ -287,10 +289,12 @@ def prompt_source(cfg, pipe):
 
 
 def _file_id(path):
-    """Names a file's contents cheaply: its size and a hash of its safetensors header."""
-    infos, meta = weights.read_header(path)
-    text = json.dumps([os.path.getsize(path), sorted(meta.items()),
-                       sorted((k, str(v)) for k, v in infos.items())])
+    """Names a file's (or a folder of files') contents cheaply: sizes and safetensors headers."""
+    files = ([os.path.join(d, f) for d, _, names in sorted(os.walk(path)) for f in sorted(names)
+              if f.endswith(".safetensors")] if os.path.isdir(path) else [path])
+    text = json.dumps([[os.path.getsize(f), sorted(weights.read_header(f)[1].items()),
+                        sorted((k, str(v)) for k, v in weights.read_header(f)[0].items())]
+                       for f in files])
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -498,9 +502,9 @@ def train(cfg):
         noise = {k: torch.randn(x0.shape, generator=g).to(device)
                  for k in ("eps", "eps_fake", "eps_real")}
         batch = (x0, context, pooled, t, t_hat)
-        x0_hat, stats = generator_step(student, teacher, disc, opt_g, batch, noise, amp,
-                                       cfg.grad_clip, distill)
-        stats.update(discriminator_step(teacher, disc, opt_d, batch, x0_hat, noise, amp,
+        fake_features, stats = generator_step(student, teacher, disc, opt_g, batch, noise, amp,
+                                              cfg.grad_clip, distill)
+        stats.update(discriminator_step(teacher, disc, opt_d, batch, fake_features, noise, amp,
                                         cfg.grad_clip, cfg.r1_weight, g))
         skipped["g"] += stats.pop("g_skipped")
         skipped["d"] += stats.pop("d_skipped")
