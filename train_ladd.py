@@ -227,13 +227,35 @@ def student_config(cfg, teacher_config):
 
 
 def make_student(cfg, teacher):
-    """A copy of the teacher (fp32 master weights), or a freshly initialised smaller model."""
+    """A copy of the teacher (fp32 master weights), or a smaller model initialised from it."""
     config = student_config(cfg, teacher.config)
     torch.manual_seed(cfg.seed)
     student = mmdit.MMDiT(config)
-    if config == teacher.config:
-        student.load_state_dict({k: v.float() for k, v in teacher.state_dict().items()})
+    copied = init_from_teacher(student, teacher)
+    if config != teacher.config:
+        print(f"student {cfg.student_config}: {copied} of {len(student.state_dict())} tensors "
+              "initialised from the teacher")
     return student
+
+
+def init_from_teacher(student, teacher):
+    """Copy every tensor whose shape fits. Student block j takes teacher block
+    round(j (T - 1) / (S - 1)): the first and the last block stay (a shallower copy, as in
+    layer-dropping). -> number of tensors copied."""
+    S, T = student.config.depth, teacher.config.depth
+    source = {j: round(j * (T - 1) / max(S - 1, 1)) for j in range(S)}
+    theirs, copied = teacher.state_dict(), 0
+    mine = student.state_dict()
+    for key in mine:
+        name = key
+        if key.startswith("joint_blocks."):
+            _, j, rest = key.split(".", 2)
+            name = f"joint_blocks.{source[int(j)]}.{rest}"
+        if name in theirs and theirs[name].shape == mine[key].shape:
+            mine[key] = theirs[name].float()
+            copied += 1
+    student.load_state_dict(mine)
+    return copied
 
 
 # ----------------------------------------------------------------------------------------------

@@ -258,3 +258,28 @@ def test_a_model_without_a_text_encoder_trains_on_precomputed_conditioning(teach
     assert (out / "grid.png").is_file() and "judge" not in weights.load_metadata(out / "model.safetensors")
     with pytest.raises(SystemExit):  # prompts for a model without a text encoder: a clear error
         train_ladd.main(argv(sd3, tmp_path / "x", "--steps", "1"))
+
+
+def test_a_shallower_student_starts_from_the_teachers_first_and_last_blocks():
+    import dataclasses
+    teacher_cfg = dataclasses.replace(mmdit.CONFIGS["test"], depth=4, dual_attention_layers=())
+    torch.manual_seed(0)
+    teacher_m = mmdit.MMDiT(teacher_cfg)
+    student = mmdit.MMDiT(dataclasses.replace(teacher_cfg, depth=2))
+    assert train_ladd.init_from_teacher(student, teacher_m) == len(student.state_dict())
+    for j, i in ((0, 0), (1, 3)):  # the last block (pre-only context) comes from the last
+        mine, theirs = student.joint_blocks[j].state_dict(), teacher_m.joint_blocks[i].state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert torch.equal(student.final_layer.linear.weight, teacher_m.final_layer.linear.weight)
+
+
+def test_real_data_are_rendered_captions_through_the_vae(teacher, tmp_path):
+    import shapes
+    train_ladd.main(argv(teacher, tmp_path / "real", "--data", "real", "--steps", "1",
+                         "--data-dir", str(tmp_path / "data")))
+    path = next((tmp_path / "data").iterdir()) / "24x16_0000.safetensors"
+    shard, captions = weights.load_file(path), json.loads(weights.load_metadata(path)["captions"])
+    images = shapes.render_batch(captions, 24, 16, seed=4)  # bucket 1 starts at sample 4
+    expected = load_pipeline(teacher).vae.encode(images)
+    assert torch.allclose(shard["latents"].float(), expected, atol=1e-2)
+    assert json.loads((next((tmp_path / "data").iterdir()) / "settings.json").read_text())["kind"] == "real"
