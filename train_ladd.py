@@ -103,7 +103,7 @@ def parse_list(text, name, kind=float):
 
 
 # ----------------------------------------------------------------------------------------------
-# the algorithm: four small functions
+# the algorithm: small functions
 
 
 def student_times(n, step, times, probs, warmup_probs, warmup, generator):
@@ -122,8 +122,7 @@ def generator_step(student, teacher, disc, opt, batch, noise, amp, grad_clip, di
     The teacher's parameters are frozen, but the fake features are computed with autograd on,
     so the heads' verdict flows back through the teacher into the student."""
     x0, context, pooled, t, t_hat = batch
-    device = x0.device
-    with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+    with autocast(x0, amp):
         x_t = flow.add_noise(x0, noise["eps"], t)                                  # [B, C, H, W]
         x0_hat = flow.x0_from_v(x_t, student(x_t, t, context, pooled).float(), t)  # [B, C, H, W]
         fake = flow.add_noise(x0_hat, noise["eps_fake"], t_hat)                   # [B, C, H, W]
@@ -143,7 +142,6 @@ def generator_step(student, teacher, disc, opt, batch, noise, amp, grad_clip, di
             loss = loss + weight * distill_loss
             stats["distill_loss"] = distill_loss.item()
     stats["g_grad_norm"], stats["g_skipped"] = _update(opt, loss, student.parameters(), grad_clip)
-    stats["logit_fake_g"] = torch.stack([l.mean() for l in logits]).mean().item()
     return [f.detach().float() for f in features], stats
 
 
@@ -153,13 +151,12 @@ def discriminator_step(teacher, disc, opt, batch, fake_features, noise, amp, gra
     without autograd; fake = the generator step's features of the student's x0_hat at the same
     t_hat (reused: the teacher is not run twice on the same input)."""
     x0, context, pooled, t, t_hat = batch
-    device = x0.device
     B = x0.shape[0]
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+    with torch.no_grad(), autocast(x0, amp):
         real = flow.add_noise(x0, noise["eps_real"], t_hat)                       # [B, C, H, W]
         real_features = teacher.features(real, t_hat, context, pooled, disc.blocks)  # [B, D, h, w] each
     features = [torch.cat([r.float(), f]) for r, f in zip(real_features, fake_features)]  # [2B, D, h, w]
-    with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+    with autocast(x0, amp):
         logits = disc(features, t_hat.repeat(2), pooled.repeat(2, 1))             # [2B] each
         real_logits, fake_logits = [l[:B] for l in logits], [l[B:] for l in logits]
         loss = hinge_d_loss(real_logits, fake_logits)
@@ -172,6 +169,11 @@ def discriminator_step(teacher, disc, opt, batch, fake_features, noise, amp, gra
     stats["logit_real"] = torch.stack([l.mean() for l in real_logits]).mean().item()
     stats["logit_fake"] = torch.stack([l.mean() for l in fake_logits]).mean().item()
     return stats
+
+
+def autocast(x, amp):
+    """Mixed precision in `amp` on x's device; fp32 means none."""
+    return torch.autocast(x.device.type, dtype=amp, enabled=amp != torch.float32)
 
 
 def _update(opt, loss, params, grad_clip):
