@@ -38,8 +38,8 @@ import mmdit
 import shapes
 import weights
 from discriminator import Discriminator, approx_r1, hinge_d_loss, hinge_g_loss
-from sample import (Conditioning, Pipeline, encode, generate, load_cond, load_pipeline,
-                    pick_device, pick_dtype, read_prompts, run_cli, save_strip)
+from sample import (Conditioning, Pipeline, UnavailableTextEncoder, encode, generate, load_cond,
+                    load_pipeline, pick_device, pick_dtype, read_prompts, run_cli, save_strip)
 from train_teacher import ema_update, parse_given, resolve_config, step_generator
 
 
@@ -406,10 +406,23 @@ def student_metadata(cfg, teacher_pipe, step, extra=None):
         "command": "python train_ladd.py " + " ".join(sys.argv[1:]),
         "train_config": json.dumps(asdict(cfg)),
     }
-    if "text_encoder" in teacher_pipe.metadata:
-        meta["text_encoder"] = teacher_pipe.metadata["text_encoder"]
+    meta["text_encoder"] = json.dumps(text_encoder_spec(teacher_pipe))
     meta.update(extra or {})
     return meta
+
+
+def text_encoder_spec(teacher_pipe):
+    """The teacher's text encoder, named so that the student finds it from its own folder: the
+    shapes encoder as it is; SD3 encoders by the absolute paths of the files that hold them."""
+    spec = json.loads(teacher_pipe.metadata.get("text_encoder", '{"name": "sd3"}'))
+    if spec.get("name") != "sd3" or isinstance(teacher_pipe.text_encoder, UnavailableTextEncoder):
+        return spec
+    path = os.path.abspath(teacher_pipe.path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    for key in ("file", "t5_vocab", "clip_vocab"):
+        if spec.get(key):
+            spec[key] = os.path.join(folder, spec[key])
+    return {**spec, "file": spec.get("file", path)}
 
 
 def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):

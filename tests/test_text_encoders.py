@@ -788,3 +788,19 @@ def test_sample_py_takes_encoders_from_the_file_its_metadata_names(sd3_ckpt, tmp
     expect_one_line_error(sample.main, capsys, ["--ckpt", str(ckpt), "--prompt", "x", "--out",
                                                 str(tmp_path / "o"), "--device", "cpu"],
                           str(tmp_path / "encoders.safetensors"), "does not exist")
+
+
+def test_train_ladd_distils_an_sd3_layout_file_from_prompts(sd3_ckpt, tmp_path):
+    """The real-SD3 path end to end on a tiny file: prompts -> CLIP/T5 conditioning -> teacher
+    data -> a student whose metadata finds the teacher's encoders, sampled from a prompt."""
+    import train_ladd
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nthe photo of a cat\n")
+    run = tmp_path / "run"
+    train_ladd.main(["--preset", "test", "--teacher", sd3_ckpt, "--prompts", str(prompts),
+                     "--out", str(run), "--data-dir", str(tmp_path / "data"), "--device", "cpu"])
+    spec = json.loads(weights.load_metadata(run / "model.safetensors")["text_encoder"])
+    assert spec["file"] == os.path.abspath(sd3_ckpt) and os.path.isabs(spec["t5_vocab"])
+    sample.main(["--ckpt", str(run), "--prompt", "a red circle", "--out", str(tmp_path / "s"),
+                 "--device", "cpu", "--quiet"])
+    assert read_png(tmp_path / "s" / "000.png").shape == (16, 16, 3)
