@@ -292,7 +292,7 @@ def bench_mmdit(a):
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
     config = model_config(a.config, a.depth)
-    vae_name, text_tokens, default_size = settings(a.config, config)
+    _, text_tokens, default_size = settings(a.config, config)
     text_tokens = a.text_tokens or text_tokens
     W, H = a.size or default_size
     h, w = latent_size(a.config, config, (W, H))
@@ -468,7 +468,8 @@ def bench_ladd(a):
           f"{a.config} (depth {config.depth}, {r['params'] / 1e6:.1f} M params each), "
           f"{r['heads']} heads ({r['head_params'] / 1e6:.2f} M), {a.size[0]}x{a.size[1]} px = "
           f"{h}x{w} latent, batch {a.batch}, {r['device']} autocast {r['dtype']}"
-          f"{f', {a.threads} threads' if a.threads and not cuda else ''}; median of {a.iters} "
+          f"{f', {a.threads} thread' + 's' * (a.threads > 1) if a.threads and not cuda else ''}"
+          f"; median of {a.iters} "
           f"steps after {a.warmup}; not included: the student's EMA copy (4 bytes a parameter)"
           + ("; peak = max_memory_allocated, held = allocated between steps (weights, "
              "gradients, AdamW states)" if cuda else
@@ -623,6 +624,8 @@ def time_train_ladd(dry_run, timeout, out=None):
 
 
 def gpu_check(a):
+    """Each check reports ok / FAIL and a one-line result; a failing check (an error, out of
+    memory) does not stop the others, so one run on a lent GPU says as much as it can."""
     dry = a.dry_run
     if not dry and not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
@@ -632,58 +635,65 @@ def gpu_check(a):
     if dry:
         torch.set_num_threads(1)  # tiny models: threads only wait for each other
     device, dtype = torch.device("cpu" if dry else "cuda"), torch.bfloat16
-    name, size, ladd_size = ("test", (16, 16), (16, 16)) if dry else \
-        ("sd3-medium", (1024, 1024), (512, 512))
-    rows = []
-
-    def report(check, ok, text):
-        rows.append((check, "ok" if ok else "FAIL", text))
-        print(f"{check}: {text}", flush=True)
-
-    print(f"gpu-check on {describe(device, dtype)}, torch {torch.__version__}", flush=True)
-    peak = matmul_peak(device, dtype, n=256 if dry else 8192)
-    report("bf16 matmul peak", True, f"{peak / 1e12:.3g} TFLOP/s (measured, {'256' if dry else '8192'}^3)")
-
-    config = mmdit.CONFIGS[name]
-    text_tokens = settings(name, config)[1]
+    cuda = device.type == "cuda"
+    name, size, ladd_size, n = ("test", (16, 16), (16, 16), 256) if dry else \
+        ("sd3-medium", (1024, 1024), (512, 512), 8192)
+    config, text_tokens = mmdit.CONFIGS[name], settings(name, mmdit.CONFIGS[name])[1]
     h, w = latent_size(name, config, size)
     N = (h // config.patch_size) * (w // config.patch_size)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model = random_mmdit(config, device, dtype).eval()
-    x, t, context, pooled = mmdit_inputs(config, 1, h, w, text_tokens, device, dtype)
-    ok, text = flash_check(model, lambda: model(x, t, context, pooled), dtype, N + text_tokens, device)
-    report("flash attention", ok, text)
-    with torch.no_grad():
-        s = time_cases({"forward": lambda: model(x, t, context, pooled)}, device,
-                       *((1, 2) if dry else (3, 10)))["forward"]
-    achieved = mmdit_flops(config, N, text_tokens) / s
-    mem = f", peak {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
-    report(f"{name} forward {size[0]}x{size[1]} bf16 batch 1", True,
-           f"{1000 * s:.1f} ms, {achieved / 1e12:.3g} TFLOP/s ({100 * achieved / peak:.0f} % of the "
-           f"matmul peak){mem}")
-    del model, x, t, context, pooled
-    if device.type == "cuda":
+    rows, state = [], {"peak": None}
+
+    def check(label, fn):
+        try:
+            ok, text = fn()
+        except Exception as e:  # noqa: BLE001 -- reported in the table, the other checks go on
+            ok, text = False, f"FAILED: {type(e).__name__}: {one_line(e)[:300]}"
+        rows.append((label, "ok" if ok else "FAIL", text))
+        print(f"{label}: {text}", flush=True)
+
+    def peak():
+        state["peak"] = matmul_peak(device, dtype, n=n)
+        return True, f"{state['peak'] / 1e12:.3g} TFLOP/s (measured, {n}^3)"
+
+    def model():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        state["model"] = random_mmdit(config, device, dtype).eval()
+        x, t, context, pooled = mmdit_inputs(config, 1, h, w, text_tokens, device, dtype)
+        state["forward"] = lambda: state["model"](x, t, context, pooled)
+        return flash_check(state["model"], state["forward"], dtype, N + text_tokens, device)
+
+    def forward():
+        with torch.no_grad():
+            s = time_cases({"f": state["forward"]}, device, *((1, 2) if dry else (3, 10)))["f"]
+        achieved = mmdit_flops(config, N, text_tokens) / s
+        share = f" ({100 * achieved / state['peak']:.0f} % of the matmul peak)" if state["peak"] else ""
+        mem = f", peak {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if cuda else ""
+        return True, f"{1000 * s:.1f} ms, {achieved / 1e12:.3g} TFLOP/s{share}{mem}"
+
+    def ladd():
+        r = run_ladd_case({"config": name, "depth": None, "size": list(ladd_size), "batch": 2,
+                           "text_tokens": text_tokens, "checkpointing": True, "device": str(device),
+                           "dtype": "auto" if dry else "bf16", "warmup": 1, "iters": 2 if dry else 3,
+                           "threads": 1 if dry else 0})
+        held = f", held between steps {r['base_bytes'] / 2 ** 30:.1f} GiB" if cuda else ""
+        return True, (f"{r['seconds']:.2f} s / step, peak {r['peak_bytes'] / 2 ** 30:.1f} GiB{held} "
+                      "(EMA copy not included)")
+
+    print(f"gpu-check on {describe(device, dtype)}, torch {torch.__version__}", flush=True)
+    check("bf16 matmul peak", peak)
+    check("flash attention", model)
+    if "forward" in state:
+        check(f"{name} forward {size[0]}x{size[1]} bf16 batch 1", forward)
+    state.clear()  # free the model before the LADD case's process needs the memory
+    if cuda:
         torch.cuda.empty_cache()
-
-    spec = {"config": name, "depth": None, "size": list(ladd_size), "batch": 2,
-            "text_tokens": text_tokens, "checkpointing": True, "device": str(device),
-            "dtype": "bf16" if not dry else "auto", "warmup": 1, "iters": 2 if dry else 3,
-            "threads": 1 if dry else 0}
-    check = f"LADD step {name} {ladd_size[0]}x{ladd_size[1]} batch 2 checkpointing on"
-    try:
-        r = run_ladd_case(spec)
-        held = f", held between steps {r['base_bytes'] / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
-        report(check, True, f"{r['seconds']:.2f} s / step, peak {r['peak_bytes'] / 2 ** 30:.1f} GiB{held} "
-                            f"(EMA copy not included)")
-    except RuntimeError as e:
-        report(check, False, f"FAILED: {one_line(e)[-300:]}")
-
+    check(f"LADD step {name} {ladd_size[0]}x{ladd_size[1]} batch 2 checkpointing on", ladd)
     if a.skip_train:
-        report("python train_ladd.py", True, "skipped (--skip-train)")
+        check("python train_ladd.py", lambda: (True, "skipped (--skip-train)"))
     else:
         print(f"running python train_ladd.py (at most {a.train_timeout} s) ...", flush=True)
-        report("python train_ladd.py", *time_train_ladd(dry, a.train_timeout, a.train_out))
+        check("python train_ladd.py", lambda: time_train_ladd(dry, a.train_timeout, a.train_out))
 
     print(f"gpu-check took {time.perf_counter() - t_start:.0f} s")
     print(markdown(["check", "status", "result"], rows))

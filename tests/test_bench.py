@@ -196,3 +196,15 @@ def test_sdpa_backends_sees_the_math_fallback():
 ])
 def test_bad_arguments_are_one_line_errors(capsys, argv, words):
     expect_one_line_error(bench.main, capsys, argv, *words)
+
+
+def test_gpu_check_reports_a_failing_check_and_goes_on(capsys, monkeypatch):
+    def broken(spec):
+        raise RuntimeError("the LADD step case failed:\nCUDA out of memory")
+    monkeypatch.setattr(bench, "run_ladd_case", broken)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["gpu-check", "--dry-run", "--skip-train"])
+    assert e.value.code == 1
+    header, rows = last_table(capsys.readouterr().out)
+    assert [r[1] for r in rows] == ["ok", "ok", "ok", "FAIL", "ok"]
+    assert "out of memory" in rows[3][2] and "python" in rows[4][0]
