@@ -184,7 +184,9 @@ class Attention(nn.Module):
 
     def qkv_heads(self, x):
         B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, -1).unbind(2)  # 3 x [B, L, H, hd]
+        # three matmuls on the thirds of the stored qkv weight (faster on CPUs than one fused)
+        q, k, v = (F.linear(x, w, b).view(B, L, self.heads, -1)          # [B, L, H, hd] each
+                   for w, b in zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3)))
         if hasattr(self, "ln_q"):
             q, k = self.ln_q(q), self.ln_k(k)
         return q, k, v

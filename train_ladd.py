@@ -466,6 +466,7 @@ def check_config(cfg):
 
 
 def train(cfg):
+    started = time.time()
     check_config(cfg)
     device = pick_device(cfg.device)
     amp = pick_dtype(cfg.dtype, device)
@@ -486,6 +487,7 @@ def train(cfg):
                          lambda f: f.write(json.dumps(asdict(cfg), indent=1).encode()))
     teacher_pipe.vae.save_pretrained(os.path.join(cfg.out, "vae.safetensors"))
     dataset = build_dataset(cfg, teacher_pipe, describe, take)
+    data_minutes = (time.time() - started) / 60
     distill = None
     if cfg.distill_weight:
         u = take([0])[0]  # its uncond_* are the empty prompt's
@@ -568,7 +570,8 @@ def train(cfg):
     step = step + 1 if cfg.steps > start else start
     save(step)
     comparison_grid(teacher_pipe, student_pipe, grid, os.path.join(cfg.out, "grid.png"), grid_cache)
-    extra = {"train_minutes": f"{(time.time() - t0) / 60:.1f}", "skipped_steps": json.dumps(skipped)}
+    extra = {"data_minutes": f"{data_minutes:.1f}", "train_minutes": f"{(time.time() - t0) / 60:.1f}",
+             "skipped_steps": json.dumps(skipped)}
     if cfg.judge_n and is_shapes(teacher_pipe):
         from evaluate import judge_pipeline
         scores = judge_pipeline(student_pipe, cfg.judge_n, seed=1234, progress=True)
@@ -578,7 +581,8 @@ def train(cfg):
     logf.close()
     save(step, extra)
     print(f"student: {os.path.join(cfg.out, 'model.safetensors')} (grid: {cfg.out}/grid.png; "
-          f"skipped steps: {skipped})")
+          f"skipped steps: {skipped}); {(time.time() - started) / 60:.1f} min in all, "
+          f"{data_minutes:.1f} of them for data")
     return student_pipe
 
 
