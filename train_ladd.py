@@ -6,10 +6,10 @@ unguided student.
     python train_ladd.py --resume runs/ladd       # continue a stopped run exactly
     python train_ladd.py --teacher sd3_medium.safetensors --cond cond.safetensors --out runs/sd3
 
-One step (reference: ladd_notes in the README):
+One step (the README's "How LADD works here" has the details and the measured choices):
   data     x0 = a latent the teacher generated itself (guided, many steps), with its prompt
   student  t in {1, .75, .5, .25}; x_t = (1 - t) x0 + t eps; x0_hat = x_t - t student(x_t, t)
-  re-noise t_hat ~ logit-normal(1, 1); fake = noised x0_hat, real = noised x0 (same t_hat)
+  re-noise t_hat ~ logit-normal(0, 1); fake = noised x0_hat, real = noised x0 (same t_hat)
   judge    the frozen teacher runs on both; a small head per block reads its image tokens
   losses   heads: hinge (real up, fake down); student: -logit(fake), back-propagated
            through the frozen teacher into the student
@@ -62,28 +62,28 @@ class Config:
     data_steps: int = 0                # teacher sampling steps for synthetic data (0: its default)
     data_cfg: float = 0.0              # teacher guidance for synthetic data (0: its default)
     # LADD
-    steps: int = 300                   # student (generator) updates, one head update each
-    batch_size: int = 32               # latents per step, all of one size (aspect-ratio bucket)
-    lr: float = 1e-4                   # student AdamW
-    disc_lr: float = 2e-4              # heads AdamW, beta1 = 0
+    steps: int = 1200                  # student (generator) updates, one head update each
+    batch_size: int = 8                # latents per step, all of one size (aspect-ratio bucket)
+    lr: float = 1e-5                   # student AdamW
+    disc_lr: float = 1e-3              # heads AdamW, beta1 = 0
     disc_blocks: str = "all"           # teacher blocks with a head: all | lastN | 0,2,3
     disc_hidden: int = 48              # head width
     times: str = "1,0.75,0.5,0.25"     # the student's timesteps (its sampler's schedule)
     time_probs: str = "0.7,0.1,0.1,0.1"  # how often each is trained
     warmup_probs: str = "0,0,0.5,0.5"  # ... during the first `warmup` steps
     warmup: int = 30
-    t_hat_mean: float = 1.0            # re-noising level t_hat ~ logit-normal(mean, std)
+    t_hat_mean: float = 0.0            # re-noising level t_hat ~ logit-normal(mean, std); notes: 1
     t_hat_std: float = 1.0
     distill_weight: float = 0.0        # weight of an ADD-style distillation loss (0: none, LADD)
     r1_weight: float = 0.0             # weight of the approximate R1 penalty on the heads
     grad_clip: float = 1.0             # clip both gradients to this norm
     ema: float = 0.99                  # EMA decay of the student used for sampling
-    sampler: str = "euler"             # the student's sampler stored in its checkpoint
+    sampler: str = "renoise"           # the student's sampler stored in its checkpoint
     checkpointing: str = "auto"        # gradient checkpointing: auto (on CUDA) | on | off
     # bookkeeping
     log_every: int = 10
-    grid_every: int = 100              # comparison grid every this many steps (0: only at the end)
-    ckpt_every: int = 50               # resumable state every this many steps
+    grid_every: int = 200              # comparison grid every this many steps (0: only at the end)
+    ckpt_every: int = 200              # resumable state every this many steps
     judge_n: int = 256                 # shapes world: captions judged at the end (0: skip)
     max_minutes: float = 0.0           # stop after this wall time (0: no limit)
 
