@@ -295,8 +295,10 @@ def prompt_source(cfg, pipe):
                     shapes.parse_caption(line)
                 except ValueError as e:
                     raise ValueError(f"--prompts {cfg.prompts} line {n}: {e}") from None
-        describe, pick = "prompts:" + hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12], \
-            lambda index: [lines[i % len(lines)] for i in index]
+        describe = "prompts:" + hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
+
+        def pick(index):  # the prompts in turn
+            return [lines[i % len(lines)] for i in index]
     elif is_shapes(pipe):
         describe = "shapes-random"
 
