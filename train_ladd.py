@@ -71,9 +71,9 @@ class Config:
     times: str = "1,0.75,0.5,0.25"     # the student's timesteps (its sampler's schedule)
     time_probs: str = "0.7,0.1,0.1,0.1"  # how often each is trained
     warmup_probs: str = "0,0,0.5,0.5"  # ... during the first `warmup` steps
-    warmup: int = 30
+    warmup: int = 30                   # steps drawn with warmup_probs
     t_hat_mean: float = 0.0            # re-noising level t_hat ~ logit-normal(mean, std); notes: 1
-    t_hat_std: float = 1.0
+    t_hat_std: float = 1.0             # its spread
     distill_weight: float = 0.0        # weight of an ADD-style distillation loss (0: none, LADD)
     r1_weight: float = 0.0             # weight of the approximate R1 penalty on the heads
     grad_clip: float = 1.0             # clip both gradients to this norm
@@ -81,7 +81,7 @@ class Config:
     sampler: str = "renoise"           # the student's sampler stored in its checkpoint
     checkpointing: str = "auto"        # gradient checkpointing: auto (on CUDA) | on | off
     # bookkeeping
-    log_every: int = 10
+    log_every: int = 10                # a log.jsonl line every this many steps
     grid_every: int = 200              # comparison grid every this many steps (0: only at the end)
     ckpt_every: int = 200              # resumable state every this many steps
     judge_n: int = 256                 # shapes world: captions judged at the end (0: skip)
