@@ -38,6 +38,7 @@ import mmdit
 import shapes
 import vae as vae_lib
 from sample import one_line, pick_device, pick_dtype, run_cli
+from train_ladd import rss_peak_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -157,12 +158,6 @@ def defaults_for(a, default):
 def markdown(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def rss_peak_bytes():
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def describe(device, dtype):

@@ -40,7 +40,7 @@ import weights
 from discriminator import Discriminator, approx_r1, hinge_d_loss, hinge_g_loss
 from sample import (Conditioning, Pipeline, UnavailableTextEncoder, encode, generate, load_cond,
                     load_pipeline, pick_device, pick_dtype, read_prompts, run_cli, save_strip)
-from train_teacher import ema_update, parse_given, resolve_config, step_generator
+from train_teacher import World, ema_update, init_world, parse_given, resolve_config, step_generator
 
 
 @dataclass
@@ -86,6 +86,7 @@ class Config:
     ckpt_every: int = 200              # resumable state every this many steps
     judge_n: int = 256                 # shapes world: captions judged at the end (0: skip)
     max_minutes: float = 0.0           # stop after this wall time (0: no limit)
+    memory_report: bool = False        # print estimated and measured memory per component
 
 
 PRESETS = {
@@ -114,14 +115,17 @@ def student_times(n, step, times, probs, warmup_probs, warmup, generator):
     return torch.tensor(times, dtype=torch.float)[index]                   # [n]
 
 
-def generator_step(student, teacher, disc, opt, batch, noise, amp, grad_clip, distill=None):
+def generator_step(student, teacher, disc, opt, batch, noise, amp, grad_clip, distill=None,
+                   world=World()):
     """One student update. batch: x0, context, pooled, t, t_hat; noise: eps (student input) and
     eps_fake (re-noising). Returns the teacher's features of the fake batch (detached: the heads'
     step judges them next) and statistics.
 
     The teacher's parameters are frozen, but the fake features are computed with autograd on,
-    so the heads' verdict flows back through the teacher into the student."""
+    so the heads' verdict flows back through the teacher into the student. The heads are only
+    judges here: their parameters are frozen for this step (no gradient is computed for them)."""
     x0, context, pooled, t, t_hat = batch
+    disc.requires_grad_(False)
     with autocast(x0, amp):
         x_t = flow.add_noise(x0, noise["eps"], t)                                  # [B, C, H, W]
         x0_hat = flow.x0_from_v(x_t, student(x_t, t, context, pooled).float(), t)  # [B, C, H, W]
@@ -141,20 +145,23 @@ def generator_step(student, teacher, disc, opt, batch, noise, amp, grad_clip, di
             distill_loss = F.mse_loss(x0_hat, target)
             loss = loss + weight * distill_loss
             stats["distill_loss"] = distill_loss.item()
-    stats["g_grad_norm"], stats["g_skipped"] = _update(opt, loss, student.parameters(), grad_clip)
+    stats["g_grad_norm"], stats["g_skipped"] = _update(opt, loss, student.parameters(), grad_clip,
+                                                       world)
+    disc.requires_grad_(True)
     return [f.detach().float() for f in features], stats
 
 
 def discriminator_step(teacher, disc, opt, batch, fake_features, noise, amp, grad_clip,
-                       r1_weight=0.0, generator=None):
+                       r1_weight=0.0, generator=None, world=World()):
     """One heads update: real = x0 noised to t_hat with fresh noise, judged through the teacher
     without autograd; fake = the generator step's features of the student's x0_hat at the same
-    t_hat (reused: the teacher is not run twice on the same input)."""
+    t_hat (reused: the teacher is not run twice on the same input). `disc` may be DDP-wrapped."""
     x0, context, pooled, t, t_hat = batch
     B = x0.shape[0]
+    blocks = getattr(disc, "module", disc).blocks
     with torch.no_grad(), autocast(x0, amp):
         real = flow.add_noise(x0, noise["eps_real"], t_hat)                       # [B, C, H, W]
-        real_features = teacher.features(real, t_hat, context, pooled, disc.blocks)  # [B, D, h, w] each
+        real_features = teacher.features(real, t_hat, context, pooled, blocks)   # [B, D, h, w] each
     features = [torch.cat([r.float(), f]) for r, f in zip(real_features, fake_features)]  # [2B, D, h, w]
     with autocast(x0, amp):
         logits = disc(features, t_hat.repeat(2), pooled.repeat(2, 1))             # [2B] each
@@ -165,7 +172,8 @@ def discriminator_step(teacher, disc, opt, batch, fake_features, noise, amp, gra
             r1 = approx_r1(disc, [f[:B] for f in features], t_hat, pooled, generator=generator)
             loss = loss + r1_weight / 2 * r1
             stats["r1"] = r1.item()
-    stats["d_grad_norm"], stats["d_skipped"] = _update(opt, loss, disc.parameters(), grad_clip)
+    stats["d_grad_norm"], stats["d_skipped"] = _update(opt, loss, disc.parameters(), grad_clip,
+                                                       world)
     stats["logit_real"] = torch.stack([l.mean() for l in real_logits]).mean().item()
     stats["logit_fake"] = torch.stack([l.mean() for l in fake_logits]).mean().item()
     return stats
@@ -176,11 +184,13 @@ def autocast(x, amp):
     return torch.autocast(x.device.type, dtype=amp, enabled=amp != torch.float32)
 
 
-def _update(opt, loss, params, grad_clip):
+def _update(opt, loss, params, grad_clip, world=World()):
     """backward, clip, step; a step whose loss or gradient is not finite is skipped (and counted),
-    so no NaN ever reaches the weights. -> (grad norm, 1 if skipped else 0)"""
+    so no NaN ever reaches the weights. -> (grad norm, 1 if skipped else 0). With several
+    processes the loss must be finite on every rank (all skip together); the gradient, averaged
+    by DDP, is the same on every rank."""
     opt.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    if not world.all_true(torch.isfinite(loss)):
         return float("nan"), 1
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip)
@@ -336,30 +346,31 @@ def data_settings(cfg, pipe, describe):
 SHARD = 64  # latents per cache file
 
 
-def build_dataset(cfg, pipe, describe, take):
+def build_dataset(cfg, pipe, describe, take, world=World()):
     """-> {(width, height): (latents [N, C, h, w], context [N, L, Dc], pooled [N, Dp])} from the
-    cache, generating (and caching, one atomic shard at a time) whatever is missing."""
+    cache, generating (and caching, one atomic shard at a time) whatever is missing. With several
+    processes each generates its share of the missing shards; then every rank reads them all."""
     settings = data_settings(cfg, pipe, describe)
     folder = os.path.join(cfg.data_dir, hashlib.sha1(json.dumps(settings, sort_keys=True)
                                                      .encode()).hexdigest()[:16])
     os.makedirs(folder, exist_ok=True)
-    weights.atomic_write(os.path.join(folder, "settings.json"),
-                         lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    if world.main:
+        weights.atomic_write(os.path.join(folder, "settings.json"),
+                             lambda f: f.write(json.dumps(settings, indent=1).encode()))
     per_size = max(1, cfg.data_size // len(pipe.sizes))
-    todo = [(k, size, start) for k, size in enumerate(pipe.sizes)
-            for start in range(0, per_size, SHARD)]
-    dataset, made = {}, 0
-    bar = tqdm(todo, desc=f"{cfg.data} data", unit="shard", dynamic_ncols=True)
-    for k, (w, h), start in bar:
-        path = os.path.join(folder, f"{w}x{h}_{start // SHARD:04d}.safetensors")
-        if not os.path.isfile(path):
-            index = list(range(k * per_size + start, k * per_size + min(start + SHARD, per_size)))
-            _write_shard(cfg, pipe, take, index, w, h, path, settings)
-            made += len(index)
+    shards = [(os.path.join(folder, f"{w}x{h}_{start // SHARD:04d}.safetensors"), (w, h),
+               list(range(k * per_size + start, k * per_size + min(start + SHARD, per_size))))
+              for k, (w, h) in enumerate(pipe.sizes) for start in range(0, per_size, SHARD)]
+    missing = [s for s in shards if not os.path.isfile(s[0])]
+    for path, (w, h), index in tqdm(missing[world.rank::world.size], desc=f"{cfg.data} data",
+                                    unit="shard", dynamic_ncols=True, disable=not world.main):
+        _write_shard(cfg, pipe, take, index, w, h, path, settings)
+    world.barrier()
+    dataset = {}
+    for path, size, _ in shards:
         shard = weights.load_file(path)
-        parts = dataset.setdefault((w, h), [])
-        parts.append({k: v.float() for k, v in shard.items()})
-    bar.close()
+        dataset.setdefault(size, []).append({k: v.float() for k, v in shard.items()})
+    made = sum(len(index) for _, _, index in missing)
     print(f"data: {per_size * len(pipe.sizes)} {cfg.data} latents in {folder} "
           f"({made} generated now, {per_size * len(pipe.sizes) - made} from the cache)")
     return {size: tuple(torch.cat([p[k] for p in parts]) for k in ("latents", "context", "pooled"))
@@ -383,12 +394,12 @@ def _write_shard(cfg, pipe, take, index, w, h, path, settings):
                       {"captions": json.dumps(captions), "settings": json.dumps(settings)})
 
 
-def sample_batch(dataset, batch_size, generator, device):
-    """One aspect-ratio bucket, then distinct random rows of it."""
+def sample_batch(dataset, batch_size, generator):
+    """One aspect-ratio bucket, then distinct random rows of it (on the CPU)."""
     sizes = sorted(dataset)
     latents, context, pooled = dataset[sizes[int(torch.randint(len(sizes), (1,), generator=generator))]]
     rows = torch.randperm(len(latents), generator=generator)[:batch_size]
-    return latents[rows].to(device), context[rows].to(device), pooled[rows].to(device)
+    return latents[rows], context[rows], pooled[rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,6 +456,51 @@ def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):
 
 
 # ----------------------------------------------------------------------------------------------
+# memory
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def rss_peak_bytes():
+    """This process's peak resident memory."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def memory_report(teacher, student, ema, disc, opt_g, opt_d, device):
+    """(rows, text): each component's bytes estimated from its parameter count and the dtype plan
+    (teacher in its dtype; student, its gradients, AdamW's two moments and the EMA in fp32;
+    heads the same) next to the bytes its tensors really hold after a step; then the measured
+    peak: on CUDA the allocator's since the last reset (weights + activations and temporaries),
+    elsewhere the process's peak resident memory (also data, libraries, the interpreter)."""
+    n_t, n_s, n_d = (mmdit.count_params(m) for m in (teacher, student, disc))
+    moments = [v for opt in (opt_g,) for state in opt.state.values() for v in state.values()
+               if torch.is_tensor(v) and v.dim()]
+    heads = [*disc.parameters(), *(p.grad for p in disc.parameters()),
+             *(v for state in opt_d.state.values() for v in state.values()
+               if torch.is_tensor(v) and v.dim())]
+    tb = next(teacher.parameters()).element_size()
+    rows = [("teacher weights (frozen)", n_t * tb, tensor_bytes(teacher.parameters())),
+            ("student weights (fp32 master)", 4 * n_s, tensor_bytes(student.parameters())),
+            ("student gradients", 4 * n_s, tensor_bytes(p.grad for p in student.parameters())),
+            ("student AdamW moments", 8 * n_s, tensor_bytes(moments)),
+            ("student EMA", 4 * n_s, tensor_bytes(ema.parameters())),
+            ("heads: weights, gradients, AdamW", 16 * n_d, tensor_bytes(heads))]
+    rows.append(("held in all", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    if device.type == "cuda":
+        rows.append(("peak allocated (+ activations)", None, torch.cuda.max_memory_allocated(device)))
+    else:
+        rows.append(("process peak RSS (+ activations, data)", None, rss_peak_bytes()))
+    gib = lambda n: "-" if n is None else f"{n / 2 ** 30:.3f}"  # noqa: E731
+    lines = [f"memory on {device} after one step (GiB): estimated | measured"]
+    lines += [f"  {name:<40} {gib(est):>9} | {gib(real):>9}" for name, est, real in rows]
+    return rows, "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # the run
 
 
@@ -470,7 +526,10 @@ def check_config(cfg):
 def train(cfg):
     started = time.time()
     check_config(cfg)
-    device = pick_device(cfg.device)
+    world, device = init_world(cfg.device)  # torchrun: N processes, DDP; else one
+    if cfg.batch_size % world.size:
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world.size} "
+                         f"processes; make it a multiple of {world.size}")
     amp = pick_dtype(cfg.dtype, device)
     checkpointing = cfg.checkpointing == "on" or (cfg.checkpointing == "auto" and device.type == "cuda")
 
@@ -485,10 +544,11 @@ def train(cfg):
     student.gradient_checkpointing = teacher.gradient_checkpointing = checkpointing
 
     os.makedirs(cfg.out, exist_ok=True)
-    weights.atomic_write(os.path.join(cfg.out, "config.json"),
-                         lambda f: f.write(json.dumps(asdict(cfg), indent=1).encode()))
-    teacher_pipe.vae.save_pretrained(os.path.join(cfg.out, "vae.safetensors"))
-    dataset = build_dataset(cfg, teacher_pipe, describe, take)
+    if world.main:
+        weights.atomic_write(os.path.join(cfg.out, "config.json"),
+                             lambda f: f.write(json.dumps(asdict(cfg), indent=1).encode()))
+        teacher_pipe.vae.save_pretrained(os.path.join(cfg.out, "vae.safetensors"))
+    dataset = build_dataset(cfg, teacher_pipe, describe, take, world)
     data_minutes = (time.time() - started) / 60
     distill = None
     if cfg.distill_weight:
@@ -517,12 +577,14 @@ def train(cfg):
     print(f"student {mmdit.count_params(student) / 1e6:.2f}M, teacher "
           f"{mmdit.count_params(teacher) / 1e6:.2f}M, {len(disc.blocks)} heads "
           f"{mmdit.count_params(disc) / 1e6:.2f}M; {cfg.steps} steps of {cfg.batch_size} on "
-          f"{device} ({amp})")
-
-    logf = open(os.path.join(cfg.out, "log.jsonl"), "a")
+          f"{device} ({amp}) x {world.size} process(es)")
+    trained_student, trained_disc = world.wrap(student, device), world.wrap(disc, device)
+    logf = open(os.path.join(cfg.out, "log.jsonl"), "a") if world.main else None
 
     def save(step, extra=None):
         """Weights first, then the state that points past them; each file written atomically."""
+        if not world.main:
+            return
         meta = student_metadata(cfg, teacher_pipe, step, extra)
         ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"), meta)
         student.save_pretrained(os.path.join(cfg.out, "student.safetensors"), meta)
@@ -531,46 +593,55 @@ def train(cfg):
                             "opt_d": opt_d.state_dict(), "step": step, "skipped": skipped},
                            state_path)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0, seen, step = time.time(), 0, start
     bar = tqdm(range(start, cfg.steps), desc="ladd", initial=start, total=cfg.steps,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not world.main)
     for step in bar:
+        # the global batch and all its random draws, the same on every rank (see World)
         g = step_generator(cfg.seed, step, torch.device("cpu"))
-        x0, context, pooled = sample_batch(dataset, cfg.batch_size, g, device)   # [B, C, h, w] ...
+        x0, context, pooled = sample_batch(dataset, cfg.batch_size, g)           # [B, C, h, w] ...
         B = x0.shape[0]
-        t = student_times(B, step, times, probs, warm, cfg.warmup, g).to(device)  # [B]
-        t_hat = flow.sample_t_logit_normal(B, cfg.t_hat_mean, cfg.t_hat_std, g, device)  # [B]
-        noise = {k: torch.randn(x0.shape, generator=g).to(device)
+        t = student_times(B, step, times, probs, warm, cfg.warmup, g)            # [B]
+        t_hat = flow.sample_t_logit_normal(B, cfg.t_hat_mean, cfg.t_hat_std, g)  # [B]
+        noise = {k: world.rows(torch.randn(x0.shape, generator=g)).to(device)    # [B / N, C, h, w]
                  for k in ("eps", "eps_fake", "eps_real")}
-        batch = (x0, context, pooled, t, t_hat)
-        fake_features, stats = generator_step(student, teacher, disc, opt_g, batch, noise, amp,
-                                              cfg.grad_clip, distill)
-        stats.update(discriminator_step(teacher, disc, opt_d, batch, fake_features, noise, amp,
-                                        cfg.grad_clip, cfg.r1_weight, g))
+        batch = [world.rows(x).to(device) for x in (x0, context, pooled, t, t_hat)]  # this rank's rows
+        fake_features, stats = generator_step(trained_student, teacher, disc, opt_g, batch, noise,
+                                              amp, cfg.grad_clip, distill, world)
+        stats.update(discriminator_step(teacher, trained_disc, opt_d, batch, fake_features, noise,
+                                        amp, cfg.grad_clip, cfg.r1_weight, g, world))
         skipped["g"] += stats.pop("g_skipped")
         skipped["d"] += stats.pop("d_skipped")
         ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))
+        if cfg.memory_report and step == start and world.main:
+            tqdm.write(memory_report(teacher, student, ema, disc, opt_g, opt_d, device)[1])
         seen += B
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            stats = world.mean(stats)
             rate = seen / (time.time() - t0)
-            logf.write(json.dumps({"step": step, **{k: round(v, 5) for k, v in stats.items()},
-                                   "skipped_g": skipped["g"], "skipped_d": skipped["d"],
-                                   "size": list(x0.shape[-2:]), "samples_per_s": round(rate, 2)})
-                       + "\n")
-            logf.flush()
+            if logf:
+                logf.write(json.dumps({"step": step, **{k: round(v, 5) for k, v in stats.items()},
+                                       "skipped_g": skipped["g"], "skipped_d": skipped["d"],
+                                       "size": list(x0.shape[-2:]),
+                                       "samples_per_s": round(rate, 2)}) + "\n")
+                logf.flush()
             bar.set_postfix(d=f"{stats['d_loss']:.2f}", g=f"{stats['g_loss']:.2f}",
                             real=f"{stats['logit_real']:.2f}", fake=f"{stats['logit_fake']:.2f}",
                             refresh=False)
-        if cfg.grid_every and step % cfg.grid_every == 0:
+        if cfg.grid_every and step % cfg.grid_every == 0 and world.main:
             comparison_grid(teacher_pipe, student_pipe, grid,
                             os.path.join(cfg.out, f"grid_{step:06d}.png"), grid_cache)
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
             save(step + 1)
-        if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes:
+        if cfg.max_minutes and not world.all_true(time.time() - t0 <= 60 * cfg.max_minutes):
             print(f"stopping after {cfg.max_minutes} minutes at step {step + 1}")
             break
     step = step + 1 if cfg.steps > start else start
     save(step)
+    if not world.main:  # rank 0 draws, judges and writes; the weights are the same on every rank
+        return student_pipe
     comparison_grid(teacher_pipe, student_pipe, grid, os.path.join(cfg.out, "grid.png"), grid_cache)
     extra = {"data_minutes": f"{data_minutes:.1f}", "train_minutes": f"{(time.time() - t0) / 60:.1f}",
              "skipped_steps": json.dumps(skipped)}

@@ -17,7 +17,9 @@ Every step's data and noise are a pure function of (seed, step), so a resumed ru
 exactly where it stopped.
 """
 
+import atexit
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -26,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -99,8 +102,12 @@ def parse_given(cls, presets, argv, doc):
     import argparse
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], allow_abbrev=False)
     for f in dataclasses.fields(cls):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
-                       help=f"(default: {f.default})")
+        if isinstance(f.default, bool):  # a switch: given means on
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_const", const=True,
+                           default=None, help="(default: off)")
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                           help=f"(default: {f.default})")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if given.get("preset", "default") not in presets:
         p.error(f"--preset {given['preset']!r}: choose one of {', '.join(presets)}")
@@ -116,6 +123,87 @@ def resolve_config(cls, presets, given, script):
         with open(path) as f:
             return cls(**{**json.load(f), **given, "out": given["resume"]})
     return cls(**{**presets[given.get("preset", "default")], **given})
+
+
+# ----------------------------------------------------------------------------------------------
+# several processes: `torchrun --nproc_per_node=N train_ladd.py` (or train_teacher.py)
+
+
+@dataclass
+class World:
+    """This process's place among torchrun's N processes (one process: rank 0 of 1).
+
+    One code path for any N: every random draw of a step (rows, times, noises) is made for the
+    whole global batch on every rank, each rank keeps its own rows, and DDP averages the
+    gradients. So N processes compute what one process computes on the same global batch, and
+    every rank holds the same weights. Rank 0 alone writes files, logs, grids and judges."""
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def rows(self, x):
+        """This rank's share of a global batch (tensor or list): its contiguous block of rows."""
+        if len(x) % self.size:
+            raise ValueError(f"a batch of {len(x)} does not split over {self.size} processes; "
+                             f"make --batch-size a multiple of {self.size}")
+        n = len(x) // self.size
+        return x[self.rank * n:(self.rank + 1) * n]
+
+    def wrap(self, module, device):
+        """DDP around a trained module (gradients averaged over ranks, overlapped with backward);
+        the module itself with one process."""
+        if self.size == 1:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def all_true(self, flag):
+        """True when `flag` holds on every rank: decisions that change control flow (skip a
+        step, stop early) must be the same on all ranks, or the next collective waits forever."""
+        if self.size == 1:
+            return bool(flag)
+        x = torch.tensor(float(bool(flag)))
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+        return bool(x)
+
+    def mean(self, stats):
+        """The average over ranks of a dict of numbers (for the log)."""
+        if self.size == 1:
+            return stats
+        x = torch.tensor(list(stats.values()), dtype=torch.float64)
+        dist.all_reduce(x)
+        return dict(zip(stats, (x / self.size).tolist()))
+
+    def barrier(self):
+        if self.size > 1:
+            dist.barrier()
+
+
+def init_world(device_name):
+    """-> (World, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is
+    one process on `device_name`. Several processes use cuda:LOCAL_RANK with NCCL, or the CPU
+    with gloo; ranks other than 0 print nothing."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if size == 1:
+        return World(), device
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"--device {device_name}: several processes run on cuda or cpu, not "
+                         f"{device.type}; pass --device cpu or launch one process")
+    if not dist.is_initialized():  # long timeout: rank 0 may sample or judge while others wait
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
+        atexit.register(dist.destroy_process_group)
+    if rank:
+        sys.stdout = open(os.devnull, "w")
+    return World(rank, dist.get_world_size()), device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,10 +301,12 @@ def judge_reconstructions(vae, n, seed, device):
 # phase 2: the teacher
 
 
-def flow_loss(model, x0, context, pooled, generator, t_mean, t_std):
-    """Rectified flow: regress the velocity eps - x0 at a logit-normal time."""
-    t = flow.sample_t_logit_normal(x0.shape[0], t_mean, t_std, generator, x0.device)  # [B]
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+def flow_loss(model, x0, context, pooled, generator, t_mean, t_std, world=World()):
+    """Rectified flow: regress the velocity eps - x0 at a logit-normal time. x0 holds this
+    rank's rows; times and noises are drawn for the global batch (see World)."""
+    n = len(x0) * world.size
+    t = world.rows(flow.sample_t_logit_normal(n, t_mean, t_std, generator, x0.device))  # [B]
+    noise = world.rows(torch.randn((n, *x0.shape[1:]), generator=generator, device=x0.device))
     x_t = flow.add_noise(x0, noise, t)                                                 # [B, C, H, W]
     v = model(x_t, t, context, pooled)
     return F.mse_loss(v.float(), flow.velocity_target(x0, noise))
@@ -262,38 +352,45 @@ def preview(pipe, path, seed=0):
 
 
 def train(cfg):
-    device = pick_device(cfg.device)
+    world, device = init_world(cfg.device)
+    if cfg.batch_size % world.size:
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world.size} "
+                         f"processes; make it a multiple of {world.size}")
     amp = pick_dtype(cfg.dtype, device)
     workers = cfg.workers if cfg.workers >= 0 else (0 if device.type == "cpu" else
                                                      min(8, max(1, (os.cpu_count() or 2) - 2)))
     os.makedirs(cfg.out, exist_ok=True)
     state_path = os.path.join(cfg.out, "state.safetensors")
     state = weights.load_state(state_path) if cfg.resume and os.path.isfile(state_path) else None
-    logf = open(os.path.join(cfg.out, "log.jsonl"), "a")
+    logf = open(os.path.join(cfg.out, "log.jsonl"), "a") if world.main else None
 
     def log(record):
-        logf.write(json.dumps(record) + "\n")
-        logf.flush()
+        if logf:
+            logf.write(json.dumps(record) + "\n")
+            logf.flush()
 
-    weights.atomic_write(os.path.join(cfg.out, "config.json"),
-                         lambda f: f.write(json.dumps(asdict(cfg), indent=1).encode()))
+    if world.main:
+        weights.atomic_write(os.path.join(cfg.out, "config.json"),
+                             lambda f: f.write(json.dumps(asdict(cfg), indent=1).encode()))
 
-    # phase 1 (skipped when the run already has its VAE)
+    # phase 1 (skipped when the run already has its VAE); one process: rank 0, the others wait
     vae_path = os.path.join(cfg.out, "vae.safetensors")
     if cfg.vae and not cfg.resume:
         if not os.path.isfile(cfg.vae):
             raise SystemExit(f"error: --vae {cfg.vae}: no such file; train one (leave --vae "
                              "empty) or pass the shipped assets/shapes_vae.safetensors")
-        vae_lib.VAE.from_pretrained(cfg.vae).save_pretrained(vae_path, weights.load_metadata(cfg.vae))
-    if os.path.isfile(vae_path) and (cfg.resume or cfg.vae):
-        vae = vae_lib.VAE.from_pretrained(vae_path, device=device, dtype=torch.float32)
-    else:
+        if world.main:
+            vae_lib.VAE.from_pretrained(cfg.vae).save_pretrained(vae_path,
+                                                                 weights.load_metadata(cfg.vae))
+    elif not (cfg.resume and os.path.isfile(vae_path)) and world.main:
         vae = train_vae(cfg, device, amp, workers, log).eval().requires_grad_(False)
         recon = judge_reconstructions(vae, cfg.judge_n, 99, device) if cfg.judge_n else {}
         print("vae reconstructions judged:", json.dumps(recon))
         log({"phase": "vae_judge", **recon})
         vae.save_pretrained(vae_path, {"command": "python train_teacher.py " + " ".join(sys.argv[1:]),
                                        "judge_reconstruction": json.dumps(recon)})
+    world.barrier()
+    vae = vae_lib.VAE.from_pretrained(vae_path, device=device, dtype=torch.float32)
     vae.eval().requires_grad_(False)
     print(f"vae: {vae_path} (latent shift {vae.config.shift:.4f}, scale {vae.config.scale:.4f})")
 
@@ -313,6 +410,7 @@ def train(cfg):
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.99))
+    trained = world.wrap(model, device)  # DDP with several processes
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -321,13 +419,15 @@ def train(cfg):
         start = state["step"]
         print(f"resumed {cfg.out} at step {start}")
     print(f"teacher: {mmdit.count_params(model) / 1e6:.1f}M params, {cfg.steps} steps of "
-          f"{cfg.batch_size} on {device} ({amp}), {workers} data workers")
+          f"{cfg.batch_size} on {device} ({amp}) x {world.size} process(es), {workers} data workers")
     pipe = Pipeline(model=ema, text_encoder=text_encoder, vae=vae,
                     defaults={"steps": cfg.sample_steps, "cfg": cfg.sample_cfg,
                               "shift": cfg.sample_shift, "sampler": "euler"},
                     sizes=list(shapes.SIZES.values()), path=cfg.out)
 
     def save_state(step):
+        if not world.main:
+            return
         weights.save_state({"model": model.state_dict(), "ema": ema.state_dict(),
                             "optimizer": opt.state_dict(), "step": step}, state_path)
         save_teacher(cfg, ema, step)
@@ -335,39 +435,43 @@ def train(cfg):
     data = scene_loader(cfg.batch_size, cfg.seed, start, workers)
     t0, seen, step = time.time(), 0, start
     bar = tqdm(range(start, cfg.steps), desc="teacher", initial=start, total=cfg.steps,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not world.main)
     for step in bar:
-        images, captions = next(data)
+        images, captions = next(data)                                   # the global batch
         g = step_generator(cfg.seed, step, device)
+        captions = world.rows(drop_captions(captions, cfg.caption_dropout, g))
         with torch.no_grad():
-            x0 = vae.encode(images.to(device))                          # [B, z, h, w]
-            context, pooled = text_encoder.encode(drop_captions(captions, cfg.caption_dropout, g))
+            x0 = vae.encode(world.rows(images).to(device))              # [B / N, z, h, w]
+            context, pooled = text_encoder.encode(captions)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            loss = flow_loss(model, x0, context, pooled, g, cfg.t_mean, cfg.t_std)
+            loss = flow_loss(trained, x0, context, pooled, g, cfg.t_mean, cfg.t_std, world)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if torch.isfinite(gnorm):
             opt.step()
             ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
-        seen += len(captions)
+        seen += cfg.batch_size
         if step % cfg.log_every == 0:
             rate = seen / (time.time() - t0)
-            log({"phase": "teacher", "step": step, "loss": loss.item(), "grad_norm": gnorm.item(),
+            mean_loss = world.mean({"loss": loss.item()})["loss"]
+            log({"phase": "teacher", "step": step, "loss": mean_loss, "grad_norm": gnorm.item(),
                  "lr": lr, "samples_per_s": rate})
-            bar.set_postfix(loss=f"{loss.item():.4f}", sps=f"{rate:.0f}", refresh=False)
-        if cfg.sample_every and step % cfg.sample_every == 0 and step > start:
+            bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{rate:.0f}", refresh=False)
+        if cfg.sample_every and step % cfg.sample_every == 0 and step > start and world.main:
             preview(pipe, os.path.join(cfg.out, f"samples_{step:06d}.png"))
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
             save_state(step + 1)
-        if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes:
+        if cfg.max_minutes and not world.all_true(time.time() - t0 <= 60 * cfg.max_minutes):
             print(f"stopping after {cfg.max_minutes} minutes at step {step + 1}")
             break
     step = step + 1 if cfg.steps > start else start
     save_state(step)
+    if not world.main:  # rank 0 judges and writes; the weights are the same on every rank
+        return ema
     preview(pipe, os.path.join(cfg.out, "samples_final.png"))
     extra = {"train_minutes": f"{(time.time() - t0) / 60:.1f}", "samples_seen": str(seen)}
     if cfg.judge_n:

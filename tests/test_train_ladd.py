@@ -283,3 +283,20 @@ def test_real_data_are_rendered_captions_through_the_vae(teacher, tmp_path):
     expected = load_pipeline(teacher).vae.encode(images)
     assert torch.allclose(shard["latents"].float(), expected, atol=1e-2)
     assert json.loads((next((tmp_path / "data").iterdir()) / "settings.json").read_text())["kind"] == "real"
+
+
+def test_memory_report_estimates_what_is_held(teacher):
+    teacher_m, student, disc = models(teacher)
+    b, noise = batch(teacher_m)
+    opt_g, opt_d = opt(student), opt(disc)
+    fake, _ = train_ladd.generator_step(student, teacher_m, disc, opt_g, b, noise, torch.float32, 1.0)
+    train_ladd.discriminator_step(teacher_m, disc, opt_d, b, fake, noise, torch.float32, 1.0)
+    rows, text = train_ladd.memory_report(teacher_m, student, student, disc, opt_g, opt_d,
+                                          torch.device("cpu"))
+    held = {name: (est, real) for name, est, real in rows}
+    assert held["student AdamW moments"][1] == 8 * mmdit.count_params(student) > 0
+    for name, (est, real) in held.items():  # the dtype plan accounts for every byte held
+        if est is not None:
+            assert est == real, name
+    assert held["process peak RSS (+ activations, data)"][1] > held["held in all"][1]
+    assert "student gradients" in text and text.count("\n") == len(rows)
