@@ -258,11 +258,19 @@ def diffusers_twin(config, ours):
     return ref
 
 
-def measure_mmdit(config, x, t, context, pooled, backward, warmup, iters, compare=False):
-    """-> {(model, pass): median seconds}, model 'ours' (and 'diffusers'), pass 'forward' (and
-    'forward+backward': loss = mean square of the output, gradients of every weight)."""
+def measure_mmdit(config, x, t, context, pooled, backward, warmup, iters, compare=False,
+                  compile=False):
+    """-> {(model, pass): median seconds}, model 'ours' (and 'ours, compiled', 'diffusers'), pass
+    'forward' (and 'forward+backward': loss = mean square of the output, gradients of every
+    weight). Compiling happens in the warm-up, which is then at least one iteration."""
     ours = random_mmdit(config, x.device, x.dtype)
     models = {"ours": (ours, lambda: ours(x, t, context, pooled))}
+    if compile:
+        fast = random_mmdit(config, x.device, x.dtype)
+        fast.load_state_dict(ours.state_dict())
+        fast.compile_blocks()
+        models["ours, compiled"] = (fast, lambda: fast(x, t, context, pooled))
+        warmup = max(warmup, 1)
     if compare:
         ref = diffusers_twin(config, ours)
         models["diffusers"] = (ref, lambda: ref(
@@ -295,7 +303,8 @@ def bench_mmdit(a):
     cuda = device.type == "cuda"
     warmup, iters = defaults_for(a, (3, 10) if cuda else (1, 3))
     inputs = mmdit_inputs(config, a.batch, h, w, text_tokens, device, dtype)
-    seconds = measure_mmdit(config, *inputs, a.backward, warmup, iters, a.compare_diffusers)
+    seconds = measure_mmdit(config, *inputs, a.backward, warmup, iters, a.compare_diffusers,
+                            a.compile)
     peak = matmul_peak(device, dtype) if cuda else None
     flops = a.batch * mmdit_flops(config, N, text_tokens)
 
@@ -316,7 +325,7 @@ def bench_mmdit(a):
         if cuda:
             row.append(f"{100 * achieved / peak:.0f}")
         if a.compare_diffusers:
-            row.append(f"{s / seconds['diffusers', kind]:.2f}" if model == "ours" else "")
+            row.append(f"{s / seconds['diffusers', kind]:.2f}" if model != "diffusers" else "")
         rows.append(row)
     print(markdown(header, rows))
     return seconds
@@ -737,6 +746,8 @@ def parse_args(argv=None):
     m = sub.add_parser("mmdit", help="MMDiT forward (+ backward) throughput", allow_abbrev=False)
     common(m)
     m.add_argument("--backward", action="store_true", help="also time forward+backward")
+    m.add_argument("--compile", action="store_true",
+                   help="also time the model with torch.compile'd blocks (MMDiT.compile_blocks)")
     m.add_argument("--compare-diffusers", action="store_true",
                    help="also time diffusers' SD3Transformer2DModel, same shapes and weights")
     s = sub.add_parser("sample", help="end-to-end sampling speed: default vs 4 and 1 steps",

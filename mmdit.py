@@ -348,6 +348,13 @@ class MMDiT(nn.Module):
         out = self.unpatchify(self.final_layer(tok, c), h, w) if head else None
         return (out, feats) if want_features else out
 
+    def compile_blocks(self, **options):
+        """torch.compile every joint block in place: the same weights and key names, fused
+        kernels after a slow first call per input shape (so once per aspect-ratio bucket)."""
+        for block in self.joint_blocks:
+            block.compile(**options)
+        return self
+
     # ------------------------------------------------------------------------------------------
     # files
 

@@ -20,7 +20,6 @@ Everything random in a step (batch, times, noises) is drawn from a generator see
 dataset is generated once and cached under --data-dir, shared by all runs with the same settings.
 """
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -38,8 +37,9 @@ import mmdit
 import shapes
 import weights
 from discriminator import Discriminator, approx_r1, hinge_d_loss, hinge_g_loss
-from sample import (Conditioning, Pipeline, UnavailableTextEncoder, encode, generate, load_cond,
-                    load_pipeline, pick_device, pick_dtype, read_prompts, run_cli, save_strip)
+from sample import (DTYPES, Conditioning, Pipeline, UnavailableTextEncoder, encode, generate,
+                    load_cond, load_pipeline, pick_dtype, read_prompts, run_cli,
+                    save_strip)
 from train_teacher import World, ema_update, init_world, parse_given, resolve_config, step_generator
 
 
@@ -66,6 +66,7 @@ class Config:
     batch_size: int = 8                # latents per step, all of one size (aspect-ratio bucket)
     lr: float = 1e-5                   # student AdamW
     disc_lr: float = 1e-3              # heads AdamW, beta1 = 0
+    optim_dtype: str = "fp32"          # the student's AdamW moments: fp32 | bf16 (half the memory)
     disc_blocks: str = "all"           # teacher blocks with a head: all | lastN | 0,2,3
     disc_hidden: int = 48              # head width
     times: str = "1,0.75,0.5,0.25"     # the student's timesteps (its sampler's schedule)
@@ -80,6 +81,7 @@ class Config:
     ema: float = 0.99                  # EMA decay of the student used for sampling
     sampler: str = "renoise"           # the student's sampler stored in its checkpoint
     checkpointing: str = "auto"        # gradient checkpointing: auto (on CUDA) | on | off
+    compile: bool = False              # torch.compile the student's and teacher's blocks
     # bookkeeping
     log_every: int = 10                # a log.jsonl line every this many steps
     grid_every: int = 200              # comparison grid every this many steps (0: only at the end)
@@ -177,6 +179,55 @@ def discriminator_step(teacher, disc, opt, batch, fake_features, noise, amp, gra
     stats["logit_real"] = torch.stack([l.mean() for l in real_logits]).mean().item()
     stats["logit_fake"] = torch.stack([l.mean() for l in fake_logits]).mean().item()
     return stats
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) whose two moments are stored in `state_dtype`: bf16 halves
+    their memory, 8 -> 4 bytes a weight. The update itself is computed in fp32 each step."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 state_dtype="bf16"):  # a DTYPES name: the state dict stays plain JSON
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      state_dtype=state_dtype))
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)  # which casts the moments to the weights' dtype
+        for group in self.param_groups:
+            for p in group["params"]:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in self.state[p]:
+                        self.state[p][key] = self.state[p][key].to(DTYPES[group["state_dtype"]])
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr = group["betas"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros(())
+                    dtype = DTYPES[group["state_dtype"]]
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+                state["step"] += 1
+                k, g = state["step"].item(), p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - b1)                  # first moment
+                v = state["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)  # second
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+                p.mul_(1 - lr * group["weight_decay"])
+                denom = (v / (1 - b2 ** k)).sqrt_().add_(group["eps"])
+                p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-lr / (1 - b1 ** k))
+
+
+def make_optimizer(params, lr, betas, device, state_dtype="fp32"):
+    """torch's AdamW (fused on CUDA) with fp32 moments, or the AdamW above with `state_dtype`."""
+    if state_dtype == "fp32":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0,
+                                 fused=device.type == "cuda")
+    return AdamW(params, lr=lr, betas=betas, state_dtype=state_dtype)
 
 
 def autocast(x, amp):
@@ -483,10 +534,11 @@ def memory_report(teacher, student, ema, disc, opt_g, opt_d, device):
              *(v for state in opt_d.state.values() for v in state.values()
                if torch.is_tensor(v) and v.dim())]
     tb = next(teacher.parameters()).element_size()
+    mb = torch.empty((), dtype=DTYPES[opt_g.defaults.get("state_dtype", "fp32")]).element_size()
     rows = [("teacher weights (frozen)", n_t * tb, tensor_bytes(teacher.parameters())),
             ("student weights (fp32 master)", 4 * n_s, tensor_bytes(student.parameters())),
             ("student gradients", 4 * n_s, tensor_bytes(p.grad for p in student.parameters())),
-            ("student AdamW moments", 8 * n_s, tensor_bytes(moments)),
+            ("student AdamW moments", 2 * mb * n_s, tensor_bytes(moments)),
             ("student EMA", 4 * n_s, tensor_bytes(ema.parameters())),
             ("heads: weights, gradients, AdamW", 16 * n_d, tensor_bytes(heads))]
     rows.append(("held in all", sum(r[1] for r in rows), sum(r[2] for r in rows)))
@@ -519,6 +571,8 @@ def check_config(cfg):
         if len(p) != len(times) or min(p) < 0 or sum(p) <= 0:
             raise ValueError(f"--{name} {','.join(map(str, p))}: want {len(times)} non-negative "
                              f"weights, one per --times value")
+    if cfg.optim_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"--optim-dtype {cfg.optim_dtype!r}: choose fp32 or bf16")
     if cfg.batch_size < 1 or cfg.data_size < 1 or cfg.steps < 0:
         raise ValueError("--batch-size and --data-size must be >= 1 and --steps >= 0")
 
@@ -542,6 +596,9 @@ def train(cfg):
     times, probs = parse_list(cfg.times, "times"), parse_list(cfg.time_probs, "time-probs")
     warm = parse_list(cfg.warmup_probs, "warmup-probs")
     student.gradient_checkpointing = teacher.gradient_checkpointing = checkpointing
+    if cfg.compile:
+        student.compile_blocks()
+        teacher.compile_blocks()
 
     os.makedirs(cfg.out, exist_ok=True)
     if world.main:
@@ -558,8 +615,9 @@ def train(cfg):
 
     ema = mmdit.MMDiT(student.config).to(device).requires_grad_(False)
     ema.load_state_dict(student.state_dict())
-    opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99), weight_decay=0.0)
+    opt_g = make_optimizer(student.parameters(), cfg.lr, (0.9, 0.99), device,
+                           cfg.optim_dtype)
+    opt_d = make_optimizer(disc.parameters(), cfg.disc_lr, (0.0, 0.99), device)  # heads: fp32
     state_path = os.path.join(cfg.out, "state.safetensors")
     start, skipped = 0, {"g": 0, "d": 0}
     if cfg.resume and os.path.isfile(state_path):

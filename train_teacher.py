@@ -70,6 +70,7 @@ class Config:
     t_mean: float = 0.0                # logit-normal(t_mean, t_std) training times (SD3's)
     t_std: float = 1.0
     max_minutes: float = 0.0           # stop the teacher phase after this wall time (0: no limit)
+    compile: bool = False              # torch.compile the teacher's blocks
     # sampling defaults stored in the checkpoint (what sample.py uses)
     sample_steps: int = 28
     sample_cfg: float = 4.0
@@ -410,6 +411,8 @@ def train(cfg):
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.99))
+    if cfg.compile:
+        model.compile_blocks()
     trained = world.wrap(model, device)  # DDP with several processes
     start = 0
     if state is not None:

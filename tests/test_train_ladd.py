@@ -300,3 +300,37 @@ def test_memory_report_estimates_what_is_held(teacher):
             assert est == real, name
     assert held["process peak RSS (+ activations, data)"][1] > held["held in all"][1]
     assert "student gradients" in text and text.count("\n") == len(rows)
+
+
+def test_adamw_with_fp32_state_equals_torch_and_bf16_state_halves_it():
+    torch.manual_seed(0)
+    start = torch.randn(50, 40)
+    runs = {}
+    for name, make in {"torch": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+                       "fp32": lambda p: train_ladd.AdamW(p, lr=1e-2, weight_decay=0.1,
+                                                          state_dtype="fp32"),
+                       "bf16": lambda p: train_ladd.AdamW(p, lr=1e-2, weight_decay=0.1)}.items():
+        w = torch.nn.Parameter(start.clone())
+        opt = make([w])
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            w.grad = torch.randn(w.shape, generator=g)
+            opt.step()
+        runs[name] = (w.detach(), opt.state[w])
+    assert torch.allclose(runs["fp32"][0], runs["torch"][0], atol=1e-6)
+    assert (runs["bf16"][0] - runs["torch"][0]).abs().max() < 1e-3 < (runs["torch"][0] - start).abs().max()
+    assert runs["bf16"][1]["exp_avg"].dtype == runs["bf16"][1]["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_bf16_optimizer_state_resumes_exactly(teacher, tmp_path, capsys):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train_ladd.main(argv(teacher, whole, "--steps", "3", "--optim-dtype", "bf16"))
+    train_ladd.main(argv(teacher, part, "--steps", "2", "--optim-dtype", "bf16"))
+    train_ladd.main(["--resume", str(part), "--steps", "3"])
+    a, b = (tensors(weights.load_state(f / "state.safetensors")) for f in (whole, part))
+    moments = [k for k in a if k.startswith("/opt_g/state") and "exp_avg" in k]
+    assert moments and all(a[k].dtype == torch.bfloat16 for k in moments)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, tmp_path / "x", "--optim-dtype",
+                                                        "int8"), "--optim-dtype 'int8'")
