@@ -386,12 +386,13 @@ class MMDiT(nn.Module):
         model.metadata = metadata
         return model.to(device=device, dtype=dtype)
 
-    def save_pretrained(self, path, metadata=None):
+    def save_pretrained(self, path, metadata=None, state=None):
         """The original SD3 layout (bare keys) with the config (and any extra string
-        metadata, e.g. sampler defaults) in the header."""
+        metadata, e.g. sampler defaults) in the header. state: the weights to write instead of
+        this model's own (e.g. gathered from the shards of a sharded copy)."""
         meta = {"kind": "mmdit", "config": json.dumps(asdict(self.config))}
         meta.update(metadata or {})
-        weights.save_file(self.state_dict(), path, meta)
+        weights.save_file(self.state_dict() if state is None else state, path, meta)
 
 
 # ----------------------------------------------------------------------------------------------

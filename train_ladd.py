@@ -82,6 +82,7 @@ class Config:
     sampler: str = "renoise"           # the student's sampler stored in its checkpoint
     checkpointing: str = "auto"        # gradient checkpointing: auto (on CUDA) | on | off
     compile: bool = False              # torch.compile the student's and teacher's blocks
+    shard: bool = False                # under torchrun: FSDP-shard student, EMA, AdamW (8B models)
     # bookkeeping
     log_every: int = 10                # a log.jsonl line every this many steps
     grid_every: int = 200              # comparison grid every this many steps (0: only at the end)
@@ -245,6 +246,8 @@ def _update(opt, loss, params, grad_clip, world=World()):
         return float("nan"), 1
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip)
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, the same on every rank
+        norm = norm.full_tensor()
     if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
         return norm.item(), 1
@@ -503,7 +506,8 @@ def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):
     rows = dict(cache)
     rows["student 4 steps"] = generate(student_pipe, cond, w, h, steps=4, seed=0, progress=False)
     rows["student 1 step"] = generate(student_pipe, cond, w, h, steps=1, seed=0, progress=False)
-    save_strip(list(rows.values()), path, labels=list(rows))
+    if path:  # no path: this rank helps a sharded student sample, rank 0 writes
+        save_strip(list(rows.values()), path, labels=list(rows))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,7 +515,9 @@ def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):
 
 
 def tensor_bytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    """Bytes held by this process (an FSDP tensor: its local shard)."""
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def rss_peak_bytes():
@@ -521,13 +527,15 @@ def rss_peak_bytes():
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def memory_report(teacher, student, ema, disc, opt_g, opt_d, device):
+def memory_report(teacher, student, ema, disc, opt_g, opt_d, device, shards=1):
     """(rows, text): each component's bytes estimated from its parameter count and the dtype plan
     (teacher in its dtype; student, its gradients, AdamW's two moments and the EMA in fp32;
     heads the same) next to the bytes its tensors really hold after a step; then the measured
     peak: on CUDA the allocator's since the last reset (weights + activations and temporaries),
-    elsewhere the process's peak resident memory (also data, libraries, the interpreter)."""
+    elsewhere the process's peak resident memory (also data, libraries, the interpreter).
+    shards: the student's parts are split over this many FSDP processes; the rows are per rank."""
     n_t, n_s, n_d = (mmdit.count_params(m) for m in (teacher, student, disc))
+    n_s //= shards
     moments = [v for opt in (opt_g,) for state in opt.state.values() for v in state.values()
                if torch.is_tensor(v) and v.dim()]
     heads = [*disc.parameters(), *(p.grad for p in disc.parameters()),
@@ -615,16 +623,22 @@ def train(cfg):
 
     ema = mmdit.MMDiT(student.config).to(device).requires_grad_(False)
     ema.load_state_dict(student.state_dict())
-    opt_g = make_optimizer(student.parameters(), cfg.lr, (0.9, 0.99), device,
-                           cfg.optim_dtype)
+    # several processes: DDP, or FSDP (in place) for student and EMA; optimizers come after
+    sharded = cfg.shard and world.size > 1
+    trained_student, trained_disc = world.wrap(student, device, sharded), world.wrap(disc, device)
+    if sharded:
+        world.wrap(ema, device, shard=True)
+    opt_g = make_optimizer(student.parameters(), cfg.lr, (0.9, 0.99), device, cfg.optim_dtype)
     opt_d = make_optimizer(disc.parameters(), cfg.disc_lr, (0.0, 0.99), device)  # heads: fp32
     state_path = os.path.join(cfg.out, "state.safetensors")
     start, skipped = 0, {"g": 0, "d": 0}
     if cfg.resume and os.path.isfile(state_path):
         state = weights.load_state(state_path)
-        for module, key in ((student, "student"), (ema, "ema"), (disc, "disc"),
-                            (opt_g, "opt_g"), (opt_d, "opt_d")):
-            module.load_state_dict(state[key])
+        world.load(student, state["student"])
+        world.load(ema, state["ema"])
+        world.load(student, state["opt_g"], opt_g)
+        disc.load_state_dict(state["disc"])
+        opt_d.load_state_dict(state["opt_d"])
         start, skipped = state["step"], state["skipped"]
         print(f"resumed {cfg.out} at step {start}")
     student_pipe = Pipeline(model=ema, text_encoder=teacher_pipe.text_encoder, vae=teacher_pipe.vae,
@@ -635,21 +649,23 @@ def train(cfg):
     print(f"student {mmdit.count_params(student) / 1e6:.2f}M, teacher "
           f"{mmdit.count_params(teacher) / 1e6:.2f}M, {len(disc.blocks)} heads "
           f"{mmdit.count_params(disc) / 1e6:.2f}M; {cfg.steps} steps of {cfg.batch_size} on "
-          f"{device} ({amp}) x {world.size} process(es)")
-    trained_student, trained_disc = world.wrap(student, device), world.wrap(disc, device)
+          f"{device} ({amp}) x {world.size} process(es){' (FSDP)' * sharded}")
     logf = open(os.path.join(cfg.out, "log.jsonl"), "a") if world.main else None
 
     def save(step, extra=None):
-        """Weights first, then the state that points past them; each file written atomically."""
-        if not world.main:
+        """Weights first, then the state that points past them; each file written atomically
+        by rank 0 (with FSDP every rank takes part: the shards are gathered)."""
+        if not (world.main or sharded):
             return
-        meta = student_metadata(cfg, teacher_pipe, step, extra)
-        ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"), meta)
-        student.save_pretrained(os.path.join(cfg.out, "student.safetensors"), meta)
-        weights.save_state({"student": student.state_dict(), "ema": ema.state_dict(),
-                            "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
-                            "opt_d": opt_d.state_dict(), "step": step, "skipped": skipped},
-                           state_path)
+        tree = {"student": world.state(student), "ema": world.state(ema), "disc": disc.state_dict(),
+                "opt_g": world.state(student, opt_g), "opt_d": opt_d.state_dict(), "step": step,
+                "skipped": skipped}
+        if world.main:
+            meta = student_metadata(cfg, teacher_pipe, step, extra)
+            ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"), meta, tree["ema"])
+            student.save_pretrained(os.path.join(cfg.out, "student.safetensors"), meta,
+                                    tree["student"])
+            weights.save_state(tree, state_path)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -674,7 +690,8 @@ def train(cfg):
         skipped["d"] += stats.pop("d_skipped")
         ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))
         if cfg.memory_report and step == start and world.main:
-            tqdm.write(memory_report(teacher, student, ema, disc, opt_g, opt_d, device)[1])
+            tqdm.write(memory_report(teacher, student, ema, disc, opt_g, opt_d, device,
+                                     world.size if sharded else 1)[1])
         seen += B
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             stats = world.mean(stats)
@@ -688,8 +705,8 @@ def train(cfg):
             bar.set_postfix(d=f"{stats['d_loss']:.2f}", g=f"{stats['g_loss']:.2f}",
                             real=f"{stats['logit_real']:.2f}", fake=f"{stats['logit_fake']:.2f}",
                             refresh=False)
-        if cfg.grid_every and step % cfg.grid_every == 0 and world.main:
-            comparison_grid(teacher_pipe, student_pipe, grid,
+        if cfg.grid_every and step % cfg.grid_every == 0 and (world.main or sharded):
+            comparison_grid(teacher_pipe, student_pipe, grid, world.main and
                             os.path.join(cfg.out, f"grid_{step:06d}.png"), grid_cache)
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
             save(step + 1)
@@ -698,18 +715,21 @@ def train(cfg):
             break
     step = step + 1 if cfg.steps > start else start
     save(step)
-    if not world.main:  # rank 0 draws, judges and writes; the weights are the same on every rank
-        return student_pipe
-    comparison_grid(teacher_pipe, student_pipe, grid, os.path.join(cfg.out, "grid.png"), grid_cache)
     extra = {"data_minutes": f"{data_minutes:.1f}", "train_minutes": f"{(time.time() - t0) / 60:.1f}",
              "skipped_steps": json.dumps(skipped)}
-    if cfg.judge_n and is_shapes(teacher_pipe):
-        from evaluate import judge_pipeline
-        scores = judge_pipeline(student_pipe, cfg.judge_n, seed=1234, progress=True)
-        print("student, 4 steps, judged:", json.dumps(scores))
-        logf.write(json.dumps({"step": step, "judge": scores}) + "\n")
-        extra["judge"] = json.dumps(scores)
-    logf.close()
+    # rank 0 draws and judges (the weights are the same on every rank); a sharded EMA needs all
+    if world.main or sharded:
+        comparison_grid(teacher_pipe, student_pipe, grid,
+                        world.main and os.path.join(cfg.out, "grid.png"), grid_cache)
+        if cfg.judge_n and is_shapes(teacher_pipe):
+            from evaluate import judge_pipeline
+            scores = judge_pipeline(student_pipe, cfg.judge_n, seed=1234, progress=world.main)
+            print("student, 4 steps, judged:", json.dumps(scores))
+            extra["judge"] = json.dumps(scores)
+            if logf:
+                logf.write(json.dumps({"step": step, "judge": scores}) + "\n")
+    if logf:
+        logf.close()
     save(step, extra)
     print(f"student: {os.path.join(cfg.out, 'model.safetensors')} (grid: {cfg.out}/grid.png; "
           f"skipped steps: {skipped}); {(time.time() - started) / 60:.1f} min in all, "

@@ -153,13 +153,41 @@ class World:
         n = len(x) // self.size
         return x[self.rank * n:(self.rank + 1) * n]
 
-    def wrap(self, module, device):
-        """DDP around a trained module (gradients averaged over ranks, overlapped with backward);
-        the module itself with one process."""
+    def wrap(self, module, device, shard=False):
+        """The module to train: itself with one process; DDP around it (a full copy on every
+        rank, gradients averaged, overlapped with backward); or with `shard`, FSDP (PyTorch's
+        fully_shard, in place): each joint block's weights, gradients and optimizer state are
+        split over the ranks and gathered block by block when used. Create optimizers after."""
         if self.size == 1:
             return module
+        if shard:
+            from torch.distributed.fsdp import fully_shard
+            for block in module.joint_blocks:
+                fully_shard(block)
+            return fully_shard(module)
         return torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def state(self, module, opt=None):
+        """The whole state dict of a module (or of its optimizer) on rank 0's CPU; gathered from
+        the shards of an FSDP module, a collective that every rank must call."""
+        if not is_sharded(module):
+            return module.state_dict() if opt is None else opt.state_dict()
+        from torch.distributed.checkpoint import state_dict as dcp
+        full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if opt is None:
+            return dcp.get_model_state_dict(module, options=full)
+        return dcp.get_optimizer_state_dict(module, opt, options=full)
+
+    def load(self, module, state, opt=None):
+        """The inverse of `state`: every rank passes the whole state dict; FSDP keeps its share."""
+        if not is_sharded(module):
+            return module.load_state_dict(state) if opt is None else opt.load_state_dict(state)
+        from torch.distributed.checkpoint import state_dict as dcp
+        full = dcp.StateDictOptions(full_state_dict=True)
+        if opt is None:
+            return dcp.set_model_state_dict(module, state, options=full)
+        return dcp.set_optimizer_state_dict(module, opt, state, options=full)
 
     def all_true(self, flag):
         """True when `flag` holds on every rank: decisions that change control flow (skip a
@@ -181,6 +209,10 @@ class World:
     def barrier(self):
         if self.size > 1:
             dist.barrier()
+
+
+def is_sharded(module):
+    return any(hasattr(p, "full_tensor") for p in module.parameters())  # DTensor weights: FSDP
 
 
 def init_world(device_name):

@@ -23,8 +23,10 @@ sys.path.insert(0, {repo!r})
 import {script}, weights
 result = {script}.main(sys.argv[1:])
 model = getattr(result, "model", result)
-weights.save_file(dict(model.state_dict()), sys.argv[sys.argv.index("--out") + 1]
-                  + f"/ema_rank{{dist.get_rank()}}.safetensors")
+state = {{k: v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP: gather the shards
+         for k, v in model.state_dict().items()}}
+folder = sys.argv[sys.argv.index("--out" if "--out" in sys.argv else "--resume") + 1]
+weights.save_file(state, folder + f"/ema_rank{{dist.get_rank()}}.safetensors")
 """
 
 
@@ -50,19 +52,34 @@ def assert_same_run(single, ranks, start):
     assert apart < 1e-3 * moved, (apart, moved)
 
 
-def test_ladd_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_ladd_two_processes_match_one(tmp_path, mode):
+    """DDP: 3 steps. FSDP (--shard): 2 steps, then --resume to 3, which also checks that the
+    gathered state saves and loads back into shards."""
     teacher = make_checkpoint(str(tmp_path), {"steps": 2, "cfg": 2.0, "shift": 1.0,
                                               "sampler": "euler"})
     args = ["--preset", "test", "--teacher", teacher, "--data-dir", str(tmp_path / "data"),
-            "--device", "cpu", "--judge-n", "0", "--data-size", "16", "--batch-size", "4",
-            "--steps", "3", "--lr", "2e-3", "--ema", "0"]
-    single = train_ladd.main([*args, "--out", str(tmp_path / "one")]).model.state_dict()
-    out = torchrun(tmp_path, "train_ladd", [*args, "--out", str(tmp_path / "two"), "--memory-report"])
-    assert "x 2 process(es)" in out and "16 from the cache" in out
-    assert out.count("student AdamW moments") == 1  # rank 0 alone prints
+            "--device", "cpu", "--judge-n", "2", "--data-size", "16", "--batch-size", "4",
+            "--lr", "2e-3", "--ema", "0"]
+    single = train_ladd.main([*args, "--steps", "3", "--out", str(tmp_path / "one")]
+                             ).model.state_dict()
+    two = str(tmp_path / "two")
+    if mode == "ddp":
+        out = torchrun(tmp_path, "train_ladd", [*args, "--steps", "3", "--out", two,
+                                                "--memory-report"])
+        assert "x 2 process(es)" in out
+    else:
+        out = torchrun(tmp_path, "train_ladd", [*args, "--steps", "2", "--out", two, "--shard",
+                                                "--memory-report"])
+        assert "x 2 process(es) (FSDP)" in out
+        out = torchrun(tmp_path, "train_ladd", ["--resume", two, "--steps", "3"])
+        assert "resumed" in out
+    assert "16 from the cache" in out
+    assert out.count("judged:") == 1  # rank 0 alone prints
     ranks = [weights.load_file(tmp_path / "two" / f"ema_rank{r}.safetensors") for r in (0, 1)]
     start = weights.load_file(teacher)
     assert_same_run(single, ranks, {k: start[k].float() for k in single})
+    assert (tmp_path / "two" / "grid.png").is_file()
     # rank 0 wrote the run (and only rank 0 wrote anything but its own weights)
     saved = weights.load_file(tmp_path / "two" / "model.safetensors")
     assert all(torch.equal(saved[k], ranks[0][k]) for k in saved)
