@@ -135,13 +135,16 @@ def sync(device):
 
 def time_cases(cases, device, warmup, iters):
     """{name: fn} -> {name: median seconds of fn()}. Cases take turns, iteration by iteration,
-    so a change in machine load hits them all alike; warm-up calls are not timed."""
+    so a change in machine load hits them all alike, and the order rotates each iteration, so no
+    case always runs right after the same other one (caches, allocator); warm-up is not timed."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
     times = {name: [] for name in cases}
-    for _ in range(iters):
-        for name, fn in cases.items():
+    names = list(cases)
+    for i in range(iters):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            fn = cases[name]
             sync(device)
             t0 = time.perf_counter()
             fn()
@@ -284,7 +287,7 @@ def measure_mmdit(config, x, t, context, pooled, backward, warmup, iters, compar
 
         def forward_backward(model=model, run=run):
             run().float().square().mean().backward()
-            model.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=False)  # keep the gradient memory: no page faults timed
         cases[name, "forward"] = forward
         if backward:
             cases[name, "forward+backward"] = forward_backward

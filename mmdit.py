@@ -110,7 +110,7 @@ CONFIGS = {
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # [B, L, D]
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))  # [B, L, D]: x (1 + scale) + shift
 
 
 def attention(q, k, v):
@@ -166,7 +166,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, patch, stride=patch)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, h*w, D], row-major
+        # [B, C, H, W] -> [B, h*w, D], row-major; contiguous, or every later op inherits the
+        # transposed layout and each norm and matmul copies it again
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class Attention(nn.Module):
@@ -184,9 +186,7 @@ class Attention(nn.Module):
 
     def qkv_heads(self, x):
         B, L, _ = x.shape
-        # three matmuls on the thirds of the stored qkv weight (faster on CPUs than one fused)
-        q, k, v = (F.linear(x, w, b).view(B, L, self.heads, -1)          # [B, L, H, hd] each
-                   for w, b in zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3)))
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, -1).unbind(2)   # [B, L, H, hd] each
         if hasattr(self, "ln_q"):
             q, k = self.ln_q(q), self.ln_k(k)
         return q, k, v
