@@ -51,8 +51,8 @@ import weights
 @dataclass
 class InpaintConfig:
     ckpt: str                        # a checkpoint file, or a run folder with model.safetensors
-    image: str                       # the image to edit (its size must be a valid model size)
-    mask: str                        # same size as the image; white (>= 128) = repaint
+    image: str = ""                  # the image to edit (its size must be a valid model size)
+    mask: str = ""                   # same size as the image; white (>= 128) = repaint
     prompt: list = field(default_factory=list)  # what the result shows (repeat for more)
     steps: int = None                # sampling steps; None: the checkpoint's (a student: its times)
     cfg: float = None                # guidance scale, 1 = unguided; None: the checkpoint's
@@ -64,6 +64,7 @@ class InpaintConfig:
     device: str = "auto"             # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"              # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
     quiet: bool = False              # no progress bar and no messages
+    eval: int = 0                    # instead: judge this many shapes-world edits (no --image)
 
 
 # noise streams: a fresh draw for (stream, step) of image seed s; stream 0 is flow.sample's renoise
@@ -111,6 +112,67 @@ def object_mask(caption, width, height, rng, index):
     mask = torch.zeros(1, height, width)
     mask[:, y:y + side, x:x + side] = 1
     return mask                                                  # [1, H, W]
+
+
+def random_mask(image, rng):
+    """A training mask for image [3, H, W] of the shapes world -> [1, H, W] in {0, 1}: half the
+    time the box around one of its objects (found in the pixels, grown by 2), else a random box."""
+    H, W = image.shape[1:]
+    mask = torch.zeros(1, H, W)
+    if rng.random() < 0.5:
+        classes, _ = shapes.classify_pixels(shapes._to_rgb(image))             # [H, W]
+        labels = shapes.connected_components(classes, shapes.border_colour(classes))
+        ids, _ = shapes.object_regions(labels)
+        if len(ids):
+            ys, xs = np.nonzero(labels == labels.flat[ids[rng.integers(len(ids))]])
+            mask[:, max(ys.min() - 2, 0):ys.max() + 3, max(xs.min() - 2, 0):xs.max() + 3] = 1
+            return mask
+    h, w = (int(rng.integers(n // 4, 3 * n // 4 + 1)) for n in (H, W))
+    y, x = int(rng.integers(H - h + 1)), int(rng.integers(W - w + 1))
+    mask[:, y:y + h, x:x + w] = 1
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# inpainting models: the mask and the known latent as extra input channels
+
+
+def is_inpainting_model(model):
+    """An inpainting MMDiT reads [noisy latent | mask | known latent]: 2 z + 1 input channels
+    for z output channels (a text-to-image one reads z)."""
+    c = model.config
+    return c.in_channels == 2 * c.out_channels + 1
+
+
+def known_channels(z0, m):
+    """An inpainting model's extra input [B, 1 + z, h, w]: the latent mask m [B, 1, h, w]
+    (1 = repaint) and the known latent z0 [B, z, h, w], zeroed where it is repainted."""
+    return torch.cat([m, z0 * (1 - m)], dim=1)
+
+
+def conditioned(model, extra):
+    """model(x, t, context, pooled) with the extra channels appended to x, e.g. for flow.sample
+    (a guided pass doubles the batch: the extra channels are repeated to match)."""
+    def run(x, t, context, pooled):
+        e = extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1).to(x.dtype)  # [B', 1 + z, h, w]
+        return model(torch.cat([x, e], dim=1), t, context, pooled)
+    return run
+
+
+@torch.no_grad()
+def inpaint_latents(pipe, z0, m, cond, seeds, steps=None, cfg=None, sampler=None):
+    """An inpainting model's completions for a batch: known latents z0 [B, z, h, w], latent masks
+    m [B, 1, h, w] (1 = repaint), a Conditioning of B prompts, one noise seed each -> x0 latents
+    [B, z, h, w] (the model's own output everywhere; composite in pixels to keep the input)."""
+    s = sample.sampling_settings(pipe, steps, cfg, None, sampler)
+    device = pipe.device
+    velocity = conditioned(sample._velocity(pipe.model), known_channels(z0.to(device), m.to(device)))
+    noise = flow.seeded_noise(seeds, z0.shape[1:], device)                     # [B, z, h, w]
+    B = len(seeds)
+    return flow.sample(velocity, noise, s["sigmas"], cond.context.to(device), cond.pooled.to(device),
+                       cond.uncond_context.to(device).expand(B, -1, -1),
+                       cond.uncond_pooled.to(device).expand(B, -1), s["cfg"], s["sampler"],
+                       seeds=seeds).float().cpu()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +250,13 @@ def inpaint(pipe, image, mask, prompts, steps=None, cfg=None, sampler=None, seed
     velocity = sample._velocity(pipe.model)  # fp32 state, the model in its own dtype
 
     x = flow.add_noise(z0, flow.seeded_noise(seeds, z0.shape[1:], device), sigmas[0])  # [N, z, h, w]
+    if is_inpainting_model(pipe.model):  # it sees the known region itself: no blend, no passes
+        if resample or feather:
+            raise ValueError("resample and feather belong to training-free inpainting; this "
+                             "checkpoint is an inpainting model, which conditions on the mask itself")
+        m = latent_mask(mask[None], pipe.vae.config.factor).to(device)         # [1, 1, h, w]
+        velocity = conditioned(velocity, known_channels(z0, m.expand(n, -1, -1, -1)))
+        m = torch.ones_like(m)  # the blend below then keeps the model's own update everywhere
     passes = resample + 1
     with tqdm(total=(len(sigmas) - 1) * passes, desc="inpainting", disable=not progress) as bar:
         for i in range(len(sigmas) - 1):
@@ -212,6 +281,42 @@ def inpaint(pipe, image, mask, prompts, steps=None, cfg=None, sampler=None, seed
 
 
 # ----------------------------------------------------------------------------------------------
+# evaluation: edits with a known answer (the shapes world)
+
+
+def edit_task(rng, width, height):
+    """A random scene with one object replaced by another colour and shape, drawn from numpy
+    Generator rng -> (image [3, H, W], mask [1, H, W]: that object's box, new caption)."""
+    scene = shapes.parse_caption(shapes.random_caption(rng))
+    k = int(rng.integers(len(scene.objects)))
+    used = {scene.background, *(o.colour for o in scene.objects)}
+    colour = str(rng.choice(sorted(set(shapes.PALETTE) - used)))
+    shape = str(rng.choice([s for s in shapes.SHAPES if s != scene.objects[k].shape]))
+    objects = list(scene.objects)
+    objects[k] = shapes.Obj(colour, shape)
+    seed = int(rng.integers(2 ** 31))
+    image = shapes.render(scene.caption, width, height, seed)                # [3, H, W]
+    mask = object_mask(scene.caption, width, height, seed, k)                # [1, H, W]
+    return image, mask, dataclasses.replace(scene, objects=tuple(objects)).caption
+
+
+def evaluate_edits(pipe, n=256, seed=0, progress=False, **settings):
+    """The judge on n edits (edit_task; the checkpoint's sizes in turn), each result scored
+    against its new caption -> mean scores, plus `kept`: the share of unmasked pixels equal to
+    the input (always 1.0). settings: inpaint's steps, cfg, sampler, resample, feather."""
+    rows = []
+    for i in tqdm(range(n), desc="edits", disable=not progress):
+        width, height = pipe.sizes[i % len(pipe.sizes)]
+        image, mask, caption = edit_task(np.random.default_rng([seed, i]), width, height)
+        out = inpaint(pipe, image, mask, [caption], seed=seed + i, **settings)[0]  # [3, H, W]
+        scores = shapes.judge(out, caption)
+        keep = mask.expand(3, -1, -1) == 0
+        scores["kept"] = float((out[keep] == image[keep]).float().mean())
+        rows.append(scores)
+    return {k: round(float(np.mean([r[k] for r in rows])), 4) for k in rows[0]}
+
+
+# ----------------------------------------------------------------------------------------------
 # files and command line
 
 
@@ -233,8 +338,34 @@ def parse_args(argv=None):
     return sample.parse_config(InpaintConfig, argv, "inpaint.py", __doc__, sample.CHOICES)
 
 
+def run_eval(c):
+    """--eval N: judge N edits, print the scores and write them to --out/edits.json."""
+    if c.image or c.mask or c.prompt:
+        raise ValueError("--eval makes its own images, masks and captions; drop --image, --mask "
+                         "and --prompt")
+    device = sample.pick_device(c.device)
+    pipe = sample.load_pipeline(c.ckpt, device, sample.pick_dtype(c.dtype, device))
+    if not isinstance(pipe.text_encoder, shapes.ShapesTextEncoder):
+        raise ValueError(f"--eval needs a shapes-world checkpoint; {c.ckpt} is not one")
+    settings = dict(steps=c.steps, cfg=c.cfg, sampler=c.sampler, resample=c.resample,
+                    feather=c.feather)
+    scores = evaluate_edits(pipe, c.eval, c.seed, progress=not c.quiet, **settings)
+    resolved = {**dataclasses.asdict(c), **sample.sampling_settings(pipe, c.steps, c.cfg, None,
+                                                                    c.sampler), "scores": scores}
+    resolved.pop("sigmas", None)
+    os.makedirs(c.out, exist_ok=True)
+    path = os.path.join(c.out, "edits.json")
+    weights.atomic_write(path, lambda f: f.write(json.dumps(resolved, indent=2).encode()))
+    print(f"edits judged: {json.dumps(scores)} -> {path}")
+    return scores
+
+
 def run(c):
     """Inpaint as InpaintConfig `c` says and write the files; returns the output paths."""
+    if c.eval:
+        return run_eval(c)
+    if not c.image or not c.mask:
+        raise ValueError("pass --image IN.png and --mask MASK.png (white = repaint), or --eval N")
     prompts = sample.read_prompts(c.prompt)
     if not prompts:
         raise ValueError('no prompts: pass --prompt "what the repainted image shows"')

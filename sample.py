@@ -345,6 +345,10 @@ def generate(pipe, prompts, width, height, steps=None, cfg=None, shift=None, sam
     check_size(pipe, width, height)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    c = pipe.model.config
+    if c.in_channels != c.out_channels:
+        raise ValueError(f"{pipe.path} is an inpainting model ({c.in_channels} input channels: "
+                         "latent, mask, known latent); use inpaint.py with an image and a mask")
     cond = prompts if isinstance(prompts, Conditioning) else encode(pipe, prompts)
     got = (cond.context.shape[-1], cond.pooled.shape[-1])
     want = (pipe.model.config.context_dim, pipe.model.config.pooled_dim)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import flow
+import inpaint
 import mmdit
 import shapes
 import weights
@@ -49,6 +50,7 @@ class Config:
     resume: str = ""                   # a run folder to continue
     preset: str = "default"            # default | test (a few tiny steps, for tests)
     teacher: str = "assets/shapes_teacher.safetensors"  # MMDiT checkpoint file or run folder
+    task: str = "t2i"                  # t2i | inpaint (an inpainting teacher; shapes world)
     student_config: str = ""           # mmdit.CONFIGS name of a different student ("": the teacher's)
     prompts: str = ""                  # prompts file, one a line ("": random shapes-world captions)
     cond: str = ""                     # precomputed conditioning file or shard folder, not prompts
@@ -118,22 +120,31 @@ def student_times(n, step, times, probs, warmup_probs, warmup, generator):
     return torch.tensor(times, dtype=torch.float)[index]                   # [n]
 
 
+def with_known(x, extra):
+    """An inpainting model's input: x with the mask and known latent appended (t2i: x)."""
+    return x if extra is None else torch.cat([x, extra], dim=1)
+
+
 def generator_step(student, teacher, disc, opt, batch, noise, amp, grad_clip, distill=None,
-                   world=World()):
+                   world=World(), extra=None):
     """One student update. batch: x0, context, pooled, t, t_hat; noise: eps (student input) and
     eps_fake (re-noising). Returns the teacher's features of the fake batch (detached: the heads'
     step judges them next) and statistics.
 
     The teacher's parameters are frozen, but the fake features are computed with autograd on,
     so the heads' verdict flows back through the teacher into the student. The heads are only
-    judges here: their parameters are frozen for this step (no gradient is computed for them)."""
+    judges here: their parameters are frozen for this step (no gradient is computed for them).
+    extra: an inpainting task's mask and known latent [B, 1 + C, H, W], which student and teacher
+    read next to every noisy latent (None for text-to-image)."""
     x0, context, pooled, t, t_hat = batch
     disc.requires_grad_(False)
     with autocast(x0, amp):
         x_t = flow.add_noise(x0, noise["eps"], t)                                  # [B, C, H, W]
-        x0_hat = flow.x0_from_v(x_t, student(x_t, t, context, pooled).float(), t)  # [B, C, H, W]
+        v = student(with_known(x_t, extra), t, context, pooled).float()
+        x0_hat = flow.x0_from_v(x_t, v, t)                                         # [B, C, H, W]
         fake = flow.add_noise(x0_hat, noise["eps_fake"], t_hat)                   # [B, C, H, W]
-        features = teacher.features(fake, t_hat, context, pooled, disc.blocks)   # [B, D, h, w] each
+        features = teacher.features(with_known(fake, extra), t_hat, context, pooled,
+                                    disc.blocks)                                   # [B, D, h, w] each
         logits = disc([f.float() for f in features], t_hat, pooled)
         loss = hinge_g_loss(logits)
         stats = {"g_loss": loss.item()}
@@ -141,7 +152,8 @@ def generator_step(student, teacher, disc, opt, batch, noise, amp, grad_clip, di
             weight, uncond_context, uncond_pooled, scale = distill
             with torch.no_grad():
                 B = x0.shape[0]
-                v = flow.cfg_velocity(teacher, fake.detach(), t_hat, context, pooled,
+                judge = teacher if extra is None else inpaint.conditioned(teacher, extra)
+                v = flow.cfg_velocity(judge, fake.detach(), t_hat, context, pooled,
                                       uncond_context.expand(B, -1, -1),            # [B, L, Dc]
                                       uncond_pooled.expand(B, -1), scale).float()  # [B, Dp]
                 target = flow.x0_from_v(fake.detach(), v, t_hat)                   # [B, C, H, W]
@@ -155,7 +167,7 @@ def generator_step(student, teacher, disc, opt, batch, noise, amp, grad_clip, di
 
 
 def discriminator_step(teacher, disc, opt, batch, fake_features, noise, amp, grad_clip,
-                       r1_weight=0.0, generator=None, world=World()):
+                       r1_weight=0.0, generator=None, world=World(), extra=None):
     """One heads update: real = x0 noised to t_hat with fresh noise, judged through the teacher
     without autograd; fake = the generator step's features of the student's x0_hat at the same
     t_hat (reused: the teacher is not run twice on the same input). `disc` may be DDP-wrapped."""
@@ -164,7 +176,8 @@ def discriminator_step(teacher, disc, opt, batch, fake_features, noise, amp, gra
     blocks = getattr(disc, "module", disc).blocks
     with torch.no_grad(), autocast(x0, amp):
         real = flow.add_noise(x0, noise["eps_real"], t_hat)                       # [B, C, H, W]
-        real_features = teacher.features(real, t_hat, context, pooled, blocks)   # [B, D, h, w] each
+        real_features = teacher.features(with_known(real, extra), t_hat, context, pooled,
+                                         blocks)                                   # [B, D, h, w] each
     features = [torch.cat([r.float(), f]) for r, f in zip(real_features, fake_features)]  # [2B, D, h, w]
     with autocast(x0, amp):
         logits = disc(features, t_hat.repeat(2), pooled.repeat(2, 1))             # [2B] each
@@ -263,10 +276,22 @@ def load_teacher(cfg, device, amp):
     """The teacher's pipeline (MMDiT, VAE, text encoder, sampling defaults), frozen. On CUDA it is
     stored in the autocast dtype: it is never updated, only run and differentiated through."""
     pipe = load_pipeline(cfg.teacher, device, amp if device.type == "cuda" else torch.float32)
-    if pipe.model.config.in_channels != pipe.model.config.out_channels:
+    c = pipe.model.config
+    if cfg.task not in ("t2i", "inpaint"):
+        raise ValueError(f"--task {cfg.task!r}: choose t2i or inpaint")
+    if inpaint.is_inpainting_model(pipe.model):
+        if cfg.task != "inpaint":
+            raise ValueError(f"--teacher {cfg.teacher} is an inpainting model (latent, mask and "
+                             "known latent in); pass --task inpaint")
+        if not is_shapes(pipe):
+            raise ValueError("--task inpaint makes its data in the shapes world (renders and "
+                             "masks); the teacher is not a shapes-world model")
+    elif c.in_channels != c.out_channels:
         raise ValueError(f"--teacher {cfg.teacher}: a text-to-image MMDiT has as many output as "
-                         f"input channels, this one {pipe.model.config.in_channels} -> "
-                         f"{pipe.model.config.out_channels}")
+                         f"input channels, this one {c.in_channels} -> {c.out_channels}")
+    elif cfg.task == "inpaint":
+        raise ValueError(f"--task inpaint needs an inpainting teacher, and {cfg.teacher} is a "
+                         "text-to-image one; make one with python train_teacher.py --preset inpaint")
     return pipe
 
 
@@ -391,10 +416,11 @@ def _file_id(path):
 def data_settings(cfg, pipe, describe):
     """Everything the dataset depends on; its hash names the cache folder."""
     d = pipe.defaults
-    return {"kind": cfg.data, "teacher": _file_id(pipe.path), "prompts": describe,
-            "steps": cfg.data_steps or d["steps"], "cfg": cfg.data_cfg or d["cfg"],
-            "shift": d.get("shift"), "sampler": d["sampler"], "sizes": [list(s) for s in pipe.sizes],
-            "size": cfg.data_size, "seed": cfg.seed}
+    settings = {"kind": cfg.data, "teacher": _file_id(pipe.path), "prompts": describe,
+                "steps": cfg.data_steps or d["steps"], "cfg": cfg.data_cfg or d["cfg"],
+                "shift": d.get("shift"), "sampler": d["sampler"],
+                "sizes": [list(s) for s in pipe.sizes], "size": cfg.data_size, "seed": cfg.seed}
+    return settings if cfg.task == "t2i" else {**settings, "task": cfg.task}
 
 
 SHARD = 64  # latents per cache file
@@ -427,13 +453,25 @@ def build_dataset(cfg, pipe, describe, take, world=World()):
     made = sum(len(index) for _, _, index in missing)
     print(f"data: {per_size * len(pipe.sizes)} {cfg.data} latents in {folder} "
           f"({made} generated now, {per_size * len(pipe.sizes) - made} from the cache)")
-    return {size: tuple(torch.cat([p[k] for p in parts]) for k in ("latents", "context", "pooled"))
+    keys = ("latents", "context", "pooled") + (("extra",) if cfg.task == "inpaint" else ())
+    return {size: tuple(torch.cat([p[k] for p in parts]) for k in keys)
             for size, parts in dataset.items()}
 
 
 def _write_shard(cfg, pipe, take, index, w, h, path, settings):
     cond, captions = take(index)
-    if cfg.data == "synthetic":  # the teacher's own guided samples, from seeds no student sees
+    tensors = {}
+    if cfg.task == "inpaint":  # world renders, a random mask each; x0: the teacher's completion
+        images = shapes.render_batch(captions, w, h, seed=index[0])            # [n, 3, H, W]
+        rng = np.random.default_rng([cfg.seed, index[0], 2])
+        masks = torch.stack([inpaint.random_mask(im, rng) for im in images])   # [n, 1, H, W]
+        with torch.no_grad():
+            z0 = pipe.vae.encode(images.to(pipe.device, pipe.dtype)).float().cpu()  # [n, C, h, w]
+        m = inpaint.latent_mask(masks, pipe.vae.config.factor)                 # [n, 1, h, w]
+        latents = z0 if cfg.data == "real" else inpaint.inpaint_latents(
+            pipe, z0, m, cond, [10_000_000 + i for i in index], settings["steps"], settings["cfg"])
+        tensors["extra"] = inpaint.known_channels(z0, m).half()                # [n, 1 + C, h, w]
+    elif cfg.data == "synthetic":  # the teacher's own guided samples, from seeds no student sees
         latents = generate(pipe, cond, w, h, steps=settings["steps"], cfg=settings["cfg"],
                            seed=10_000_000 + index[0], batch_size=len(index), progress=False,
                            decode=False)                                       # [n, C, h, w]
@@ -444,16 +482,17 @@ def _write_shard(cfg, pipe, take, index, w, h, path, settings):
         with torch.no_grad():
             latents = pipe.vae.encode(images.to(pipe.device, pipe.dtype)).float().cpu()
     weights.save_file({"latents": latents.half(), "context": cond.context.half(),
-                       "pooled": cond.pooled.half()}, path,
+                       "pooled": cond.pooled.half(), **tensors}, path,
                       {"captions": json.dumps(captions), "settings": json.dumps(settings)})
 
 
 def sample_batch(dataset, batch_size, generator):
-    """One aspect-ratio bucket, then distinct random rows of it (on the CPU)."""
+    """One aspect-ratio bucket, then distinct random rows of it (on the CPU): latents, context,
+    pooled (and an inpainting task's extra channels)."""
     sizes = sorted(dataset)
-    latents, context, pooled = dataset[sizes[int(torch.randint(len(sizes), (1,), generator=generator))]]
-    rows = torch.randperm(len(latents), generator=generator)[:batch_size]
-    return latents[rows], context[rows], pooled[rows]
+    bucket = dataset[sizes[int(torch.randint(len(sizes), (1,), generator=generator))]]
+    rows = torch.randperm(len(bucket[0]), generator=generator)[:batch_size]
+    return tuple(x[rows] for x in bucket)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,18 +533,27 @@ def text_encoder_spec(teacher_pipe):
 
 def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):
     """Rows: teacher at its default (guided) steps | teacher 4 steps | student 4 | student 1;
-    the same prompts and seeds in every column. The teacher rows are computed once (cache)."""
-    cond, captions = grid
+    the same prompts and seeds in every column. The teacher rows are computed once (cache).
+    grid: (Conditioning, captions), or for inpainting a list of inpaint.edit_task edits (then
+    a first row shows the input with its mask)."""
     w, h = teacher_pipe.sizes[0]
     d = teacher_pipe.defaults
+    if isinstance(grid, list):  # edits: (image, mask, caption) each
+        def run(pipe, steps=None):
+            return torch.cat([inpaint.inpaint(pipe, image, mask, [caption], steps=steps, seed=i)
+                              for i, (image, mask, caption) in enumerate(grid)])
+    else:
+        def run(pipe, steps=None):
+            return generate(pipe, grid[0], w, h, steps=steps, seed=0, progress=False)
     if not cache:
-        cache[f"teacher {d['steps']} steps, cfg {d['cfg']:g}"] = generate(
-            teacher_pipe, cond, w, h, seed=0, progress=False)
-        cache[f"teacher 4 steps, cfg {d['cfg']:g}"] = generate(teacher_pipe, cond, w, h, steps=4,
-                                                               seed=0, progress=False)
+        if isinstance(grid, list):
+            cache["input, mask grey"] = torch.stack([torch.where(m > 0, 0.0, im)
+                                                     for im, m, _ in grid])
+        cache[f"teacher {d['steps']} steps, cfg {d['cfg']:g}"] = run(teacher_pipe)
+        cache[f"teacher 4 steps, cfg {d['cfg']:g}"] = run(teacher_pipe, 4)
     rows = dict(cache)
-    rows["student 4 steps"] = generate(student_pipe, cond, w, h, steps=4, seed=0, progress=False)
-    rows["student 1 step"] = generate(student_pipe, cond, w, h, steps=1, seed=0, progress=False)
+    rows["student 4 steps"] = run(student_pipe, 4)
+    rows["student 1 step"] = run(student_pipe, 1)
     if path:  # no path: this rank helps a sharded student sample, rank 0 writes
         save_strip(list(rows.values()), path, labels=list(rows))
 
@@ -646,6 +694,9 @@ def train(cfg):
                                       "sampler": cfg.sampler},
                             sizes=teacher_pipe.sizes, path=cfg.out)
     grid, grid_cache = take(list(range(10_000_000, 10_000_006))), {}  # fixed, outside the data
+    if cfg.task == "inpaint":  # six fixed edits instead
+        w, h = teacher_pipe.sizes[0]
+        grid = [inpaint.edit_task(np.random.default_rng([99, i]), w, h) for i in range(6)]
     print(f"student {mmdit.count_params(student) / 1e6:.2f}M, teacher "
           f"{mmdit.count_params(teacher) / 1e6:.2f}M, {len(disc.blocks)} heads "
           f"{mmdit.count_params(disc) / 1e6:.2f}M; {cfg.steps} steps of {cfg.batch_size} on "
@@ -675,17 +726,18 @@ def train(cfg):
     for step in bar:
         # the global batch and all its random draws, the same on every rank (see World)
         g = step_generator(cfg.seed, step, torch.device("cpu"))
-        x0, context, pooled = sample_batch(dataset, cfg.batch_size, g)           # [B, C, h, w] ...
+        x0, context, pooled, *extra = sample_batch(dataset, cfg.batch_size, g)   # [B, C, h, w] ...
         B = x0.shape[0]
         t = student_times(B, step, times, probs, warm, cfg.warmup, g)            # [B]
         t_hat = flow.sample_t_logit_normal(B, cfg.t_hat_mean, cfg.t_hat_std, g)  # [B]
         noise = {k: world.rows(torch.randn(x0.shape, generator=g)).to(device)    # [B / N, C, h, w]
                  for k in ("eps", "eps_fake", "eps_real")}
         batch = [world.rows(x).to(device) for x in (x0, context, pooled, t, t_hat)]  # this rank's rows
+        extra = world.rows(extra[0]).to(device) if extra else None  # inpainting: mask, known latent
         fake_features, stats = generator_step(trained_student, teacher, disc, opt_g, batch, noise,
-                                              amp, cfg.grad_clip, distill, world)
+                                              amp, cfg.grad_clip, distill, world, extra)
         stats.update(discriminator_step(teacher, trained_disc, opt_d, batch, fake_features, noise,
-                                        amp, cfg.grad_clip, cfg.r1_weight, g, world))
+                                        amp, cfg.grad_clip, cfg.r1_weight, g, world, extra))
         skipped["g"] += stats.pop("g_skipped")
         skipped["d"] += stats.pop("d_skipped")
         ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))
@@ -722,9 +774,13 @@ def train(cfg):
         comparison_grid(teacher_pipe, student_pipe, grid,
                         world.main and os.path.join(cfg.out, "grid.png"), grid_cache)
         if cfg.judge_n and is_shapes(teacher_pipe):
-            from evaluate import judge_pipeline
-            scores = judge_pipeline(student_pipe, cfg.judge_n, seed=1234, progress=world.main)
-            print("student, 4 steps, judged:", json.dumps(scores))
+            if cfg.task == "inpaint":
+                scores = inpaint.evaluate_edits(student_pipe, cfg.judge_n, progress=world.main)
+            else:
+                from evaluate import judge_pipeline
+                scores = judge_pipeline(student_pipe, cfg.judge_n, seed=1234, progress=world.main)
+            print(f"student, 4 steps, {'edits ' * (cfg.task == 'inpaint')}judged:",
+                  json.dumps(scores))
             extra["judge"] = json.dumps(scores)
             if logf:
                 logf.write(json.dumps({"step": step, "judge": scores}) + "\n")

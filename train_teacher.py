@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import flow
+import inpaint
 import mmdit
 import shapes
 import vae as vae_lib
@@ -58,6 +59,8 @@ class Config:
     kl_weight: float = 1e-6            # small: the latent is rescaled afterwards anyway
     vae_max_minutes: float = 0.0       # stop the VAE phase after this wall time (0: no limit)
     # phase 2: teacher
+    task: str = "t2i"                  # t2i | inpaint (input: noisy latent, mask, known latent)
+    init: str = ""                     # start from this teacher's weights (inpaint: a t2i one)
     model_config: str = "shapes"       # mmdit.CONFIGS name
     steps: int = 7000                  # teacher training steps
     batch_size: int = 256
@@ -88,6 +91,11 @@ PRESETS = {
     "quick": dict(vae="assets/shapes_vae.safetensors", steps=900, batch_size=32, lr=1e-3,
                   warmup=100, ema=0.99, sample_every=300, ckpt_every=300, judge_n=64,
                   log_every=25),
+    # an inpainting teacher fine-tuned from the shipped one: a few CPU minutes
+    "inpaint": dict(task="inpaint", init="assets/shapes_teacher.safetensors",
+                    vae="assets/shapes_vae.safetensors", steps=600, batch_size=32, lr=2e-4,
+                    warmup=50, ema=0.99, sample_every=0, ckpt_every=200, judge_n=128,
+                    log_every=25),
     "test": dict(vae_config="test", vae_steps=3, vae_batch=4, model_config="test", steps=4,
                  batch_size=4, warmup=1, sample_every=0, ckpt_every=2, judge_n=4, log_every=1,
                  sample_steps=2),
@@ -334,14 +342,15 @@ def judge_reconstructions(vae, n, seed, device):
 # phase 2: the teacher
 
 
-def flow_loss(model, x0, context, pooled, generator, t_mean, t_std, world=World()):
+def flow_loss(model, x0, context, pooled, generator, t_mean, t_std, world=World(), extra=None):
     """Rectified flow: regress the velocity eps - x0 at a logit-normal time. x0 holds this
-    rank's rows; times and noises are drawn for the global batch (see World)."""
+    rank's rows; times and noises are drawn for the global batch (see World). extra: channels
+    appended to the model's input (an inpainting model's mask and known latent)."""
     n = len(x0) * world.size
     t = world.rows(flow.sample_t_logit_normal(n, t_mean, t_std, generator, x0.device))  # [B]
     noise = world.rows(torch.randn((n, *x0.shape[1:]), generator=generator, device=x0.device))
     x_t = flow.add_noise(x0, noise, t)                                                 # [B, C, H, W]
-    v = model(x_t, t, context, pooled)
+    v = model(x_t if extra is None else torch.cat([x_t, extra], 1), t, context, pooled)
     return F.mse_loss(v.float(), flow.velocity_target(x0, noise))
 
 
@@ -374,6 +383,18 @@ def save_teacher(cfg, ema, step, extra=None):
     ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"),
                         checkpoint_metadata(cfg, "vae.safetensors",
                                             {"train_steps": str(step), **(extra or {})}))
+
+
+def widen_input(state, in_channels):
+    """A text-to-image MMDiT state dict for a model with more input channels (an inpainting
+    model): the patch embedding's new input channels start at zero, so it begins as the t2i
+    model, ignoring the mask and the known latent until training teaches it to use them."""
+    w = state["x_embedder.proj.weight"]                                # [D, z, p, p]
+    if w.shape[1] > in_channels:
+        raise ValueError(f"--init has {w.shape[1]} input channels, more than {in_channels}")
+    wide = torch.zeros(w.shape[0], in_channels, *w.shape[2:], dtype=w.dtype)
+    wide[:, :w.shape[1]] = w
+    return {**state, "x_embedder.proj.weight": wide}
 
 
 def preview(pipe, path, seed=0):
@@ -432,13 +453,22 @@ def train(cfg):
                                             TEXT_ENCODER["seed"]).to(device)
     base = mmdit.CONFIGS[cfg.model_config]
     tokens = max(max(s) for s in shapes.SIZES.values()) // (vae.config.factor * base.patch_size)
-    mcfg = dataclasses.replace(base, in_channels=vae.config.z_channels,
+    if cfg.task not in ("t2i", "inpaint"):
+        raise ValueError(f"--task {cfg.task!r}: choose t2i or inpaint")
+    z = vae.config.z_channels
+    mcfg = dataclasses.replace(base, in_channels=2 * z + 1 if cfg.task == "inpaint" else z,
                                pos_embed_max_size=max(base.pos_embed_max_size, tokens),
                                out_channels=vae.config.z_channels,
                                context_dim=text_encoder.context_dim,
                                pooled_dim=text_encoder.pooled_dim)
     torch.manual_seed(cfg.seed)
     model = mmdit.MMDiT(mcfg).to(device)
+    if cfg.init:
+        init = mmdit.MMDiT.from_pretrained(cfg.init)
+        if dataclasses.replace(init.config, in_channels=mcfg.in_channels) != mcfg:
+            raise ValueError(f"--init {cfg.init}: its architecture differs from --model-config "
+                             f"{cfg.model_config} with the VAE's {z} latent channels")
+        model.load_state_dict(widen_input(init.state_dict(), mcfg.in_channels))
     ema = mmdit.MMDiT(mcfg).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -478,11 +508,17 @@ def train(cfg):
         with torch.no_grad():
             x0 = vae.encode(world.rows(images).to(device))              # [B / N, z, h, w]
             context, pooled = text_encoder.encode(captions)
+            extra = None
+            if cfg.task == "inpaint":  # a mask per image of the global batch, then this rank's
+                rng = np.random.default_rng([cfg.seed, step, 1])
+                masks = world.rows(torch.stack([inpaint.random_mask(im, rng) for im in images]))
+                m = inpaint.latent_mask(masks, vae.config.factor).to(device)  # [B / N, 1, h, w]
+                extra = inpaint.known_channels(x0, m)                   # [B / N, 1 + z, h, w]
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            loss = flow_loss(trained, x0, context, pooled, g, cfg.t_mean, cfg.t_std, world)
+            loss = flow_loss(trained, x0, context, pooled, g, cfg.t_mean, cfg.t_std, world, extra)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -496,7 +532,8 @@ def train(cfg):
             log({"phase": "teacher", "step": step, "loss": mean_loss, "grad_norm": gnorm.item(),
                  "lr": lr, "samples_per_s": rate})
             bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{rate:.0f}", refresh=False)
-        if cfg.sample_every and step % cfg.sample_every == 0 and step > start and world.main:
+        if (cfg.sample_every and step % cfg.sample_every == 0 and step > start and world.main
+                and cfg.task == "t2i"):
             preview(pipe, os.path.join(cfg.out, f"samples_{step:06d}.png"))
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
             save_state(step + 1)
@@ -507,11 +544,15 @@ def train(cfg):
     save_state(step)
     if not world.main:  # rank 0 judges and writes; the weights are the same on every rank
         return ema
-    preview(pipe, os.path.join(cfg.out, "samples_final.png"))
     extra = {"train_minutes": f"{(time.time() - t0) / 60:.1f}", "samples_seen": str(seen)}
+    if cfg.task == "t2i":
+        preview(pipe, os.path.join(cfg.out, "samples_final.png"))
     if cfg.judge_n:
-        from evaluate import judge_pipeline
-        scores = judge_pipeline(pipe, cfg.judge_n, seed=1234, progress=True)
+        if cfg.task == "inpaint":  # edits with a known answer, judged against the new caption
+            scores = inpaint.evaluate_edits(pipe, cfg.judge_n, progress=True)
+        else:
+            from evaluate import judge_pipeline
+            scores = judge_pipeline(pipe, cfg.judge_n, seed=1234, progress=True)
         print("judge:", json.dumps(scores))
         log({"phase": "judge", "step": step, **scores})
         extra["judge"] = json.dumps(scores)
