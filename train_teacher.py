@@ -38,7 +38,7 @@ import mmdit
 import shapes
 import vae as vae_lib
 import weights
-from sample import Pipeline, generate, pick_device, pick_dtype, save_grid
+from sample import Pipeline, generate, pick_device, pick_dtype, run_cli, save_grid
 
 
 @dataclass
@@ -406,6 +406,8 @@ def preview(pipe, path, seed=0):
 
 
 def train(cfg):
+    if cfg.task not in ("t2i", "inpaint"):
+        raise ValueError(f"--task {cfg.task!r}: choose t2i or inpaint")
     world, device = init_world(cfg.device)
     if cfg.batch_size % world.size:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world.size} "
@@ -453,8 +455,6 @@ def train(cfg):
                                             TEXT_ENCODER["seed"]).to(device)
     base = mmdit.CONFIGS[cfg.model_config]
     tokens = max(max(s) for s in shapes.SIZES.values()) // (vae.config.factor * base.patch_size)
-    if cfg.task not in ("t2i", "inpaint"):
-        raise ValueError(f"--task {cfg.task!r}: choose t2i or inpaint")
     z = vae.config.z_channels
     mcfg = dataclasses.replace(base, in_channels=2 * z + 1 if cfg.task == "inpaint" else z,
                                pos_embed_max_size=max(base.pos_embed_max_size, tokens),
@@ -580,8 +580,9 @@ def export(cfg, vae, ema, step, extra):
 
 
 def main(argv=None):
-    return train(resolve_config(Config, PRESETS, parse_given(Config, PRESETS, argv, __doc__),
-                                "train_teacher.py"))
+    return run_cli(lambda a: parse_given(Config, PRESETS, a, __doc__),
+                   lambda given: train(resolve_config(Config, PRESETS, given, "train_teacher.py")),
+                   argv)
 
 
 if __name__ == "__main__":

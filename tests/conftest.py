@@ -9,6 +9,7 @@ from PIL import Image
 
 import mmdit
 import vae as vae_lib
+import weights
 
 PROMPTS = ["a red circle on a blue background",
            "a green square to the left of a yellow triangle on a white background",
@@ -35,6 +36,24 @@ def make_checkpoint(folder, sampler, name="model.safetensors"):
         "sampler": json.dumps(sampler),
         "sizes": json.dumps([[16, 16], [24, 16]]),
     })
+    return path
+
+
+def make_inpainting_checkpoint(folder, sampler, name="inpaint.safetensors"):
+    """make_checkpoint's model as an inpainting model (latent, mask, known latent in), its new
+    input channels random rather than zero so that they matter, next to the t2i file."""
+    import dataclasses
+    from train_teacher import widen_input
+    t2i = mmdit.MMDiT.from_pretrained(make_checkpoint(folder, sampler))
+    z = t2i.config.out_channels
+    model = mmdit.MMDiT(dataclasses.replace(t2i.config, in_channels=2 * z + 1))
+    model.load_state_dict(widen_input(t2i.state_dict(), 2 * z + 1))
+    with torch.no_grad():
+        model.x_embedder.proj.weight[:, z:] += 0.05 * torch.randn_like(model.x_embedder.proj.weight[:, z:])
+    meta = {k: v for k, v in weights.load_metadata(os.path.join(folder, "model.safetensors")).items()
+            if k not in ("kind", "config")}
+    path = os.path.join(folder, name)
+    model.save_pretrained(path, meta)
     return path
 
 

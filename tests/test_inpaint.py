@@ -1,6 +1,8 @@
 """Tests for inpaint.py: unmasked pixels are the input exactly, masks at latent resolution, seeds
 independent of the batch, the RePaint forward jump, the CLI and its one-line errors, and (with
-the shipped teacher) a recolouring edit in the shapes world."""
+the shipped teacher) a recolouring edit in the shapes world; inpainting models (channel layout,
+the widened start, conditioning on the known region) and the edit evaluation."""
+import dataclasses
 import os
 
 import numpy as np
@@ -12,7 +14,8 @@ import flow
 import inpaint
 import sample
 import shapes
-from conftest import expect_one_line_error, read_png, PROMPTS, make_checkpoint  # the tiny self-describing checkpoint
+from conftest import (expect_one_line_error, make_checkpoint, make_inpainting_checkpoint,  # tiny checkpoints
+                      read_png, PROMPTS)
 
 ONE_THREAD = True
 
@@ -206,3 +209,85 @@ def test_shipped_teacher_repaints_an_object():
         assert judged["colors"] and judged["background"], (seed, judged)
         inside = (out - green).abs().sum(0) < 0.3                  # near-green pixels [H, W]
         assert inside.sum() >= 20 and not (inside & (mask[0] == 0)).any(), seed
+
+
+# ----------------------------------------------------------------------------------------------
+# inpainting models (latent, mask and known latent in) and the edit evaluation
+
+
+@pytest.fixture(scope="module")
+def inpainter(tmp_path_factory):
+    path = make_inpainting_checkpoint(str(tmp_path_factory.mktemp("inpainter")),
+                                      {"steps": 3, "cfg": 3.0, "shift": 1.0, "sampler": "euler"})
+    return sample.load_pipeline(path)
+
+
+def test_channel_layout_of_the_inpainting_model(inpainter):
+    z = inpainter.vae.config.z_channels
+    assert inpaint.is_inpainting_model(inpainter.model) and inpainter.model.config.in_channels == 2 * z + 1
+    z0, m = torch.randn(2, z, 4, 6), (torch.rand(2, 1, 4, 6) < 0.5).float()
+    extra = inpaint.known_channels(z0, m)                                # [B, 1 + z, h, w]
+    assert torch.equal(extra[:, :1], m) and torch.equal(extra[:, 1:], z0 * (1 - m))
+    seen = []
+    run = inpaint.conditioned(lambda x, *a: seen.append(x) or x[:, :z], extra)
+    run(torch.zeros(4, z, 4, 6), None, None, None)                       # a guided pass: 2B
+    assert torch.equal(seen[0][:, z:], torch.cat([extra, extra]))        # [x | mask | known]
+
+
+def test_widened_model_starts_as_the_text_to_image_model(pipe):
+    from train_teacher import widen_input
+    t2i = pipe.model
+    z = t2i.config.out_channels
+    wide = type(t2i)(dataclasses.replace(t2i.config, in_channels=2 * z + 1))
+    wide.load_state_dict(widen_input(t2i.state_dict(), 2 * z + 1))
+    x, t = torch.randn(2, z, 8, 8), torch.rand(2)
+    ctx, pooled = torch.randn(2, 5, t2i.config.context_dim), torch.randn(2, t2i.config.pooled_dim)
+    extra = torch.randn(2, z + 1, 8, 8)
+    assert torch.allclose(wide(torch.cat([x, extra], 1), t, ctx, pooled), t2i(x, t, ctx, pooled), atol=1e-6)
+
+
+def test_inpainting_model_reads_the_known_region_and_composites_exactly(inpainter):
+    img, mask = image(), MASKS["box"]
+    out = inpaint.inpaint(inpainter, img, mask, [PROMPTS[0]], steps=2)[0]
+    keep = mask.expand(3, -1, -1) == 0
+    assert torch.equal(out[keep], img[keep]) and not torch.equal(out, img)
+    other = img.clone()
+    other[:, 12:, 16:] = -img[:, 12:, 16:]      # change the known region only (outside the box)
+    out2 = inpaint.inpaint(inpainter, other, mask, [PROMPTS[0]], steps=2)[0]
+    assert not torch.equal(out2[~keep], out[~keep])  # the repainted pixels depend on it
+    with pytest.raises(ValueError, match="inpainting model"):
+        inpaint.inpaint(inpainter, img, mask, [PROMPTS[0]], resample=1)
+    with pytest.raises(ValueError, match="inpaint.py"):
+        sample.generate(inpainter, [PROMPTS[0]], 24, 16)
+
+
+def test_random_training_masks_are_boxes_inside_the_image():
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        img = shapes.render(shapes.random_caption(np.random.default_rng(i)), 64, 64, rng=i)
+        m = inpaint.random_mask(img, rng)[0]                              # [H, W]
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        assert len(ys) and set(m.unique().tolist()) <= {0.0, 1.0}
+        assert m[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()     # one filled box
+
+
+def test_edit_tasks_change_one_object_inside_its_box():
+    for i in range(20):
+        img, mask, new = inpaint.edit_task(np.random.default_rng([7, i]), 96, 48)
+        after = shapes.parse_caption(new)
+        assert img.shape == (3, 48, 96) and mask.shape == (1, 48, 96) and mask.sum() > 0
+        # what is outside the box is the old scene: it must not show the new object's colour
+        new_colours = {o.colour for o in after.objects}
+        outside = img[:, mask[0] == 0]
+        kept = {c for c in shapes.PALETTE
+                if ((outside - torch.tensor(shapes.PALETTE[c]).view(3, 1) / 127.5 + 1).abs().sum(0) < 0.05).any()}
+        assert len(new_colours - kept) == 1, (new, kept)
+
+
+def test_edit_evaluation_and_its_cli(inpainter, ckpt, tmp_path, capsys):
+    scores = inpaint.evaluate_edits(inpainter, n=3, steps=2)
+    assert scores["kept"] == 1.0 and 0 <= scores["all_correct"] <= 1
+    inpaint.main(["--ckpt", ckpt, "--eval", "2", "--steps", "2", "--out", str(tmp_path / "e"), "--quiet"])
+    assert '"kept": 1.0' in capsys.readouterr().out and (tmp_path / "e" / "edits.json").is_file()
+    expect_error(capsys, ["--ckpt", ckpt, "--eval", "2", "--image", "x.png"], "--eval", "--image")
+    expect_error(capsys, ["--ckpt", ckpt], "--image", "--eval")

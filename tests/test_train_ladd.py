@@ -44,7 +44,7 @@ def batch(teacher, B=3, H=8, W=12, seed=0):
     """A non-square batch (8 x 12 latent -> a 4 x 6 token map)."""
     g = torch.Generator().manual_seed(seed)
     c = teacher.config
-    x0 = torch.randn(B, c.in_channels, H, W, generator=g)
+    x0 = torch.randn(B, c.out_channels, H, W, generator=g)
     context, pooled = torch.randn(B, 5, c.context_dim, generator=g), torch.randn(B, c.pooled_dim, generator=g)
     t = torch.tensor([1.0, 0.5, 0.25])[:B]
     t_hat = flow.sample_t_logit_normal(B, 1.0, 1.0, g)
@@ -334,3 +334,41 @@ def test_bf16_optimizer_state_resumes_exactly(teacher, tmp_path, capsys):
     capsys.readouterr()
     expect_one_line_error(train_ladd.main, capsys, argv(teacher, tmp_path / "x", "--optim-dtype",
                                                         "int8"), "--optim-dtype 'int8'")
+
+
+def test_inpainting_ladd_end_to_end(tmp_path, capsys):
+    """--task inpaint: data carry the mask and known latent, student, teacher and heads all read
+    them, and the student is an inpainting model judged on edits."""
+    from conftest import make_inpainting_checkpoint
+    teacher = make_inpainting_checkpoint(str(tmp_path), TEACHER_SAMPLER)
+    out = tmp_path / "inp"
+    train_ladd.main(argv(teacher, out, "--task", "inpaint", "--judge-n", "2"))
+    assert "edits judged" in capsys.readouterr().out
+    shard = weights.load_file(next((tmp_path / "data").glob("*/16x16_0000.safetensors")))
+    z = shard["latents"].shape[1]
+    assert shard["extra"].shape == (shard["latents"].shape[0], 1 + z, 8, 8)
+    pipe = load_pipeline(str(out))
+    assert pipe.model.config.in_channels == 2 * z + 1 and json.loads(pipe.metadata["judge"])["kept"] == 1.0
+    assert (out / "grid.png").is_file()
+    # the extra channels reach the student's loss (through student and teacher)
+    teacher_m = load_pipeline(teacher).model.requires_grad_(False)
+    student = mmdit.MMDiT(teacher_m.config)
+    student.load_state_dict(teacher_m.state_dict())
+    disc = Discriminator.for_teacher(teacher_m.config)
+    with torch.no_grad():
+        for p in disc.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    b, noise = batch(teacher_m)
+    losses = []
+    for scale in (1.0, -1.0):
+        extra = scale * torch.ones(3, 1 + z, 8, 12)
+        _, stats = train_ladd.generator_step(student, teacher_m, disc, opt(student), b, noise,
+                                             torch.float32, 1.0, extra=extra)
+        losses.append(stats["g_loss"])
+    assert losses[0] != losses[1]
+    # a t2i teacher with --task inpaint, an inpainting one without: one-line errors
+    capsys.readouterr()
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, tmp_path / "x"), "--task inpaint")
+    plain = os.path.join(tmp_path, "model.safetensors")
+    expect_one_line_error(train_ladd.main, capsys, argv(plain, tmp_path / "x", "--task", "inpaint"),
+                          "inpainting teacher")

@@ -84,3 +84,24 @@ def test_data_workers_share_the_stream_in_step_order():
     for _ in range(4):
         (a, ca), (b, cb) = next(one), next(two)
         assert ca == cb and torch.equal(a, b)
+
+
+def test_inpainting_teacher_starts_from_a_text_to_image_one(run, tmp_path, capsys):
+    """--task inpaint --init: the t2i teacher's weights, its patch embedding widened by zeros for
+    the mask and the known latent; training then runs and is judged on edits."""
+    init = ["--task", "inpaint", "--init", str(run / "model.safetensors"),
+            "--vae", str(run / "vae.safetensors")]
+    train_teacher.main(FAST + init + ["--out", str(tmp_path / "zero"), "--steps", "0"])
+    t2i, wide = (weights.load_file(p / "model.safetensors") for p in (run, tmp_path / "zero"))
+    z = t2i["x_embedder.proj.weight"].shape[1]
+    w = wide["x_embedder.proj.weight"]
+    assert w.shape[1] == 2 * z + 1 and torch.equal(w[:, :z], t2i["x_embedder.proj.weight"])
+    assert not w[:, z:].any() and all(torch.equal(wide[k], t2i[k]) for k in t2i if "x_embedder.proj.w" not in k)
+    train_teacher.main(FAST + init + ["--out", str(tmp_path / "inp"), "--judge-n", "2"])
+    pipe = load_pipeline(str(tmp_path / "inp"))
+    assert pipe.model.config.in_channels == 2 * z + 1
+    assert json.loads(pipe.metadata["judge"])["kept"] == 1.0           # edits, exact outside
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_teacher.main(FAST + ["--task", "paint", "--out", str(tmp_path / "bad")])
+    assert "--task 'paint'" in capsys.readouterr().err
