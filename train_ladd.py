@@ -636,10 +636,7 @@ def check_config(cfg):
 def train(cfg):
     started = time.time()
     check_config(cfg)
-    world, device = init_world(cfg.device)  # torchrun: N processes, DDP; else one
-    if cfg.batch_size % world.size:
-        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world.size} "
-                         f"processes; make it a multiple of {world.size}")
+    world, device = init_world(cfg.device, cfg.batch_size)  # torchrun: N processes, DDP; else one
     amp = pick_dtype(cfg.dtype, device)
     checkpointing = cfg.checkpointing == "on" or (cfg.checkpointing == "auto" and device.type == "cuda")
 

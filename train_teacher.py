@@ -223,12 +223,15 @@ def is_sharded(module):
     return any(hasattr(p, "full_tensor") for p in module.parameters())  # DTensor weights: FSDP
 
 
-def init_world(device_name):
+def init_world(device_name, batch_size):
     """-> (World, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is
     one process on `device_name`. Several processes use cuda:LOCAL_RANK with NCCL, or the CPU
-    with gloo; ranks other than 0 print nothing."""
+    with gloo; ranks other than 0 print nothing. The global batch must split evenly."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_name)
+    if batch_size % size:
+        raise ValueError(f"--batch-size {batch_size} does not split over {size} processes; make "
+                         f"it a multiple of {size}")
     if size == 1:
         return World(), device
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -408,10 +411,7 @@ def preview(pipe, path, seed=0):
 def train(cfg):
     if cfg.task not in ("t2i", "inpaint"):
         raise ValueError(f"--task {cfg.task!r}: choose t2i or inpaint")
-    world, device = init_world(cfg.device)
-    if cfg.batch_size % world.size:
-        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world.size} "
-                         f"processes; make it a multiple of {world.size}")
+    world, device = init_world(cfg.device, cfg.batch_size)
     amp = pick_dtype(cfg.dtype, device)
     workers = cfg.workers if cfg.workers >= 0 else (0 if device.type == "cpu" else
                                                      min(8, max(1, (os.cpu_count() or 2) - 2)))

@@ -99,7 +99,10 @@ def test_teacher_two_processes_match_one(tmp_path):
     assert_same_run(single, ranks, start)
 
 
-def test_a_batch_that_does_not_split_is_a_clear_error():
+def test_a_batch_that_does_not_split_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="--batch-size 4 does not split over 3"):
+        train_teacher.init_world("cpu", 4)  # before any process group is made
     world = train_teacher.World(rank=1, size=3)
     assert world.rows(torch.arange(6)).tolist() == [2, 3]
     assert world.rows(list("abcdef")) == ["c", "d"]
