@@ -148,6 +148,7 @@ class World:
     every rank holds the same weights. Rank 0 alone writes files, logs, grids and judges."""
     rank: int = 0
     size: int = 1
+    device: str = "cpu"  # where collectives run: NCCL reduces CUDA tensors only
 
     @property
     def main(self):
@@ -202,7 +203,7 @@ class World:
         step, stop early) must be the same on all ranks, or the next collective waits forever."""
         if self.size == 1:
             return bool(flag)
-        x = torch.tensor(float(bool(flag)))
+        x = torch.tensor(float(bool(flag)), device=self.device)
         dist.all_reduce(x, op=dist.ReduceOp.MIN)
         return bool(x)
 
@@ -210,7 +211,7 @@ class World:
         """The average over ranks of a dict of numbers (for the log)."""
         if self.size == 1:
             return stats
-        x = torch.tensor(list(stats.values()), dtype=torch.float64)
+        x = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(x)
         return dict(zip(stats, (x / self.size).tolist()))
 
@@ -247,7 +248,7 @@ def init_world(device_name, batch_size):
         atexit.register(dist.destroy_process_group)
     if rank:
         sys.stdout = open(os.devnull, "w")
-    return World(rank, dist.get_world_size()), device
+    return World(rank, dist.get_world_size(), str(device)), device
 
 
 # ----------------------------------------------------------------------------------------------
