@@ -204,18 +204,22 @@ def forward_jump(x, s_from, s_to, eps):
 
 
 def _check_inputs(pipe, image, mask):
-    """-> image [3, H, W], mask [1, H, W] in {0, 1}, both float on the CPU."""
-    if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be one [3, H, W] tensor in [-1, 1], got "
+    """-> image [1 or N, 3, H, W], mask [1 or N, 1, H, W] in {0, 1}, both float on the CPU."""
+    if not torch.is_tensor(image) or image.dim() not in (3, 4) or image.shape[-3] != 3:
+        raise ValueError(f"image must be a [3, H, W] (or [N, 3, H, W]) tensor in [-1, 1], got "
                          f"{list(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+    image = image[None] if image.dim() == 3 else image
     mask = mask[None] if torch.is_tensor(mask) and mask.dim() == 2 else mask
-    if not torch.is_tensor(mask) or mask.dim() != 3 or mask.shape[0] != 1:
-        raise ValueError(f"mask must be [1, H, W] or [H, W], got "
+    mask = mask[None] if torch.is_tensor(mask) and mask.dim() == 3 else mask
+    if not torch.is_tensor(mask) or mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask must be [1, H, W] or [H, W] (or [N, 1, H, W]), got "
                          f"{list(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}")
-    H, W = image.shape[1:]
-    if tuple(mask.shape[1:]) != (H, W):
-        raise ValueError(f"mask is {mask.shape[2]}x{mask.shape[1]} but the image is {W}x{H}; "
+    H, W = image.shape[-2:]
+    if tuple(mask.shape[-2:]) != (H, W):
+        raise ValueError(f"mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is {W}x{H}; "
                          "they must be the same size")
+    if len(mask) != len(image):
+        raise ValueError(f"{len(image)} images but {len(mask)} masks; pass one mask per image")
     if not ((mask == 0) | (mask == 1)).all():
         raise ValueError("mask must hold only 0 (keep) and 1 (repaint)")
     sample.check_size(pipe, W, H)
@@ -227,8 +231,9 @@ def inpaint(pipe, image, mask, prompts, steps=None, cfg=None, sampler=None, seed
             feather=0, progress=False):
     """Repaint image [3, H, W] in [-1, 1] where mask ([1, H, W] or [H, W], 1 = repaint) is set,
     once per prompt -> images [N, 3, H, W] in [-1, 1] on the CPU, equal to `image` wherever the
-    mask is 0. steps, cfg, sampler: None means the checkpoint's default. Result i depends only on
-    seed + i, not on how many prompts there are."""
+    mask is 0. Or a batch: images [N, 3, H, W] and masks [N, 1, H, W], a prompt each. steps,
+    cfg, sampler: None means the checkpoint's default. Result i depends only on seed + i, not
+    on how many prompts there are."""
     image, mask = _check_inputs(pipe, image, mask)
     if not isinstance(resample, int) or resample < 0:
         raise ValueError(f"resample must be an integer >= 0, got {resample!r}")
@@ -239,11 +244,13 @@ def inpaint(pipe, image, mask, prompts, steps=None, cfg=None, sampler=None, seed
     n, sigmas, device = len(cond), s["sigmas"], pipe.device
     if n == 0:
         raise ValueError("no prompts to inpaint with")
+    if len(image) not in (1, n):
+        raise ValueError(f"{len(image)} images but {n} prompts; pass one image, or a prompt each")
     seeds = [seed + i for i in range(n)]
 
-    z0 = pipe.vae.encode(image[None].to(device)).float()             # [1, z, h, w]
+    z0 = pipe.vae.encode(image.to(device)).float()                   # [1 or N, z, h, w]
     z0 = z0.expand(n, -1, -1, -1)                                      # [N, z, h, w]
-    m = latent_mask(mask[None], pipe.vae.config.factor, feather).to(device)  # [1, 1, h, w]
+    m = latent_mask(mask, pipe.vae.config.factor, feather).to(device)  # [1 or N, 1, h, w]
     context, pooled = cond.context.to(device), cond.pooled.to(device)        # [N, L, Dc], [N, Dp]
     uncond_context = cond.uncond_context.to(device).expand(n, -1, -1)        # [N, L, Dc]
     uncond_pooled = cond.uncond_pooled.to(device).expand(n, -1)              # [N, Dp]
@@ -254,7 +261,7 @@ def inpaint(pipe, image, mask, prompts, steps=None, cfg=None, sampler=None, seed
         if resample or feather:
             raise ValueError("resample and feather belong to training-free inpainting; this "
                              "checkpoint is an inpainting model, which conditions on the mask itself")
-        m = latent_mask(mask[None], pipe.vae.config.factor).to(device)         # [1, 1, h, w]
+        m = latent_mask(mask, pipe.vae.config.factor).to(device)               # [1 or N, 1, h, w]
         velocity = conditioned(velocity, known_channels(z0, m.expand(n, -1, -1, -1)))
         m = torch.ones_like(m)  # the blend below then keeps the model's own update everywhere
     passes = resample + 1
@@ -277,7 +284,7 @@ def inpaint(pipe, image, mask, prompts, steps=None, cfg=None, sampler=None, seed
                 bar.update()
 
     decoded = pipe.vae.decode(x).float().cpu()                         # [N, 3, H, W]
-    return torch.where(mask[None] > 0, decoded, image[None])           # exact outside the mask
+    return torch.where(mask > 0, decoded, image)                       # exact outside the mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,19 +307,29 @@ def edit_task(rng, width, height):
     return image, mask, dataclasses.replace(scene, objects=tuple(objects)).caption
 
 
-def evaluate_edits(pipe, n=256, seed=0, progress=False, **settings):
-    """The judge on n edits (edit_task; the checkpoint's sizes in turn), each result scored
-    against its new caption -> mean scores, plus `kept`: the share of unmasked pixels equal to
-    the input (always 1.0). settings: inpaint's steps, cfg, sampler, resample, feather."""
+def evaluate_edits(pipe, n=256, seed=0, progress=False, batch_size=64, **settings):
+    """The judge on n edits (edit_task; a block of them at each of the checkpoint's sizes), each
+    result scored against its new caption -> mean scores, plus `kept`: the share of unmasked
+    pixels equal to the input (always 1.0). Edit i starts from the noise of seed + i.
+    settings: inpaint's steps, cfg, sampler, resample, feather."""
+    size_of = [tuple(pipe.sizes[i * len(pipe.sizes) // n]) for i in range(n)]
+    batches = [index[c:c + batch_size] for size in dict.fromkeys(size_of)
+               for index in [[i for i in range(n) if size_of[i] == size]]
+               for c in range(0, len(index), batch_size)]               # consecutive edits each
     rows = []
-    for i in tqdm(range(n), desc="edits", disable=not progress):
-        width, height = pipe.sizes[i % len(pipe.sizes)]
-        image, mask, caption = edit_task(np.random.default_rng([seed, i]), width, height)
-        out = inpaint(pipe, image, mask, [caption], seed=seed + i, **settings)[0]  # [3, H, W]
-        scores = shapes.judge(out, caption)
-        keep = mask.expand(3, -1, -1) == 0
-        scores["kept"] = float((out[keep] == image[keep]).float().mean())
-        rows.append(scores)
+    with tqdm(total=n, desc="edits", disable=not progress) as bar:
+        for index in batches:
+            edits = [edit_task(np.random.default_rng([seed, i]), *size_of[i]) for i in index]
+            images = torch.stack([e[0] for e in edits])                         # [b, 3, H, W]
+            masks = torch.stack([e[1] for e in edits])                          # [b, 1, H, W]
+            outs = inpaint(pipe, images, masks, [e[2] for e in edits], seed=seed + index[0],
+                           **settings)                                           # [b, 3, H, W]
+            for (image, mask, caption), out in zip(edits, outs):
+                scores = shapes.judge(out, caption)
+                keep = mask.expand(3, -1, -1) == 0
+                scores["kept"] = float((out[keep] == image[keep]).float().mean())
+                rows.append(scores)
+            bar.update(len(index))
     return {k: round(float(np.mean([r[k] for r in rows])), 4) for k in rows[0]}
 
 
