@@ -20,6 +20,7 @@ Everything random in a step (batch, times, noises) is drawn from a generator see
 dataset is generated once and cached under --data-dir, shared by all runs with the same settings.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,7 +42,8 @@ from discriminator import Discriminator, approx_r1, hinge_d_loss, hinge_g_loss
 from sample import (DTYPES, Conditioning, Pipeline, UnavailableTextEncoder, encode, generate,
                     load_cond, load_pipeline, pick_dtype, read_prompts, run_cli,
                     save_strip)
-from train_teacher import World, ema_update, init_world, parse_given, resolve_config, step_generator
+from train_teacher import (SHIPPED, World, ema_update, init_world, parse_given, resolve_config,
+                           step_generator)
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Config:
     out: str = "runs/ladd"             # run folder: student, state, log.jsonl, comparison grids
     resume: str = ""                   # a run folder to continue
     preset: str = "default"            # default | test (a few tiny steps, for tests)
-    teacher: str = "assets/shapes_teacher.safetensors"  # MMDiT checkpoint file or run folder
+    teacher: str = ""                  # MMDiT checkpoint file or run folder ("": the shipped one)
     task: str = "t2i"                  # t2i | inpaint (an inpainting teacher; shapes world)
     student_config: str = ""           # mmdit.CONFIGS name of a different student ("": the teacher's)
     prompts: str = ""                  # prompts file, one a line ("": random shapes-world captions)
@@ -277,8 +279,6 @@ def load_teacher(cfg, device, amp):
     stored in the autocast dtype: it is never updated, only run and differentiated through."""
     pipe = load_pipeline(cfg.teacher, device, amp if device.type == "cuda" else torch.float32)
     c = pipe.model.config
-    if cfg.task not in ("t2i", "inpaint"):
-        raise ValueError(f"--task {cfg.task!r}: choose t2i or inpaint")
     if inpaint.is_inpainting_model(pipe.model):
         if cfg.task != "inpaint":
             raise ValueError(f"--teacher {cfg.teacher} is an inpainting model (latent, mask and "
@@ -613,6 +613,8 @@ def memory_report(teacher, student, ema, disc, opt_g, opt_d, device, shards=1):
 
 
 def check_config(cfg):
+    if cfg.task not in SHIPPED:
+        raise ValueError(f"--task {cfg.task!r}: choose one of {', '.join(SHIPPED)}")
     if cfg.data not in ("synthetic", "real"):
         raise ValueError(f"--data {cfg.data!r}: choose synthetic or real")
     if cfg.checkpointing not in ("auto", "on", "off"):
@@ -636,6 +638,8 @@ def check_config(cfg):
 def train(cfg):
     started = time.time()
     check_config(cfg)
+    if not cfg.teacher:  # the shipped shapes teacher of the task
+        cfg = dataclasses.replace(cfg, teacher=os.path.join("assets", SHIPPED[cfg.task]))
     world, device = init_world(cfg.device, cfg.batch_size)  # torchrun: N processes, DDP; else one
     amp = pick_dtype(cfg.dtype, device)
     checkpointing = cfg.checkpointing == "on" or (cfg.checkpointing == "auto" and device.type == "cuda")

@@ -83,7 +83,7 @@ class Config:
     sample_every: int = 2000           # preview grid (EMA weights, default sampler)
     ckpt_every: int = 1000             # resumable training state
     judge_n: int = 256                 # captions judged at the end (0: skip)
-    export: str = ""                   # also write fp16 shapes_vae/shapes_teacher.safetensors here
+    export: str = ""                   # also write the fp16 shipped files (below) into this folder
 
 
 PRESETS = {
@@ -564,20 +564,27 @@ def train(cfg):
     return ema
 
 
+SHIPPED = {"t2i": "shapes_teacher.safetensors", "inpaint": "shapes_inpaint_teacher.safetensors"}
+
+
 def export(cfg, vae, ema, step, extra):
-    """The shipped form: fp16 copies (half the size; loaders convert back to fp32 on the CPU)."""
+    """The shipped form: fp16 copies (half the size; loaders convert back to fp32 on the CPU),
+    the teacher as SHIPPED[task] and, when this run trained it, the VAE as shapes_vae."""
     os.makedirs(cfg.export, exist_ok=True)
-    vae_meta = weights.load_metadata(os.path.join(cfg.out, "vae.safetensors"))
-    vae_meta.pop("config", None)
-    half_vae = vae_lib.VAE(vae.config).to(torch.float16)
-    half_vae.load_state_dict(vae.state_dict())
-    half_vae.save_pretrained(os.path.join(cfg.export, "shapes_vae.safetensors"), vae_meta)
+    names = [SHIPPED[cfg.task]]
+    if not cfg.vae:
+        vae_meta = weights.load_metadata(os.path.join(cfg.out, "vae.safetensors"))
+        vae_meta.pop("config", None)
+        half_vae = vae_lib.VAE(vae.config).to(torch.float16)
+        half_vae.load_state_dict(vae.state_dict())
+        half_vae.save_pretrained(os.path.join(cfg.export, "shapes_vae.safetensors"), vae_meta)
+        names.append("shapes_vae.safetensors")
     half = mmdit.MMDiT(ema.config).to(torch.float16)
     half.load_state_dict(ema.state_dict())
-    half.save_pretrained(os.path.join(cfg.export, "shapes_teacher.safetensors"),
+    half.save_pretrained(os.path.join(cfg.export, SHIPPED[cfg.task]),
                          checkpoint_metadata(cfg, "shapes_vae.safetensors",
                                              {"train_steps": str(step), **extra}))
-    print(f"exported {cfg.export}/shapes_teacher.safetensors and shapes_vae.safetensors")
+    print(f"exported {' and '.join(os.path.join(cfg.export, n) for n in names)}")
 
 
 def main(argv=None):
