@@ -9,7 +9,7 @@ unguided student.
 One step (the README's "How LADD works here" has the details and the measured choices):
   data     x0 = a latent the teacher generated itself (guided, many steps), with its prompt
   student  t in {1, .75, .5, .25}; x_t = (1 - t) x0 + t eps; x0_hat = x_t - t student(x_t, t)
-  re-noise t_hat ~ logit-normal(0, 1); fake = noised x0_hat, real = noised x0 (same t_hat)
+  re-noise t_hat ~ logit-normal(0, 2); fake = noised x0_hat, real = noised x0 (same t_hat)
   judge    the frozen teacher runs on both; a small head per block reads its image tokens
   losses   heads: hinge (real up, fake down); student: -logit(fake), back-propagated
            through the frozen teacher into the student
@@ -66,7 +66,7 @@ class Config:
     data_steps: int = 0                # teacher sampling steps for synthetic data (0: its default)
     data_cfg: float = 0.0              # teacher guidance for synthetic data (0: its default)
     # LADD
-    steps: int = 1200                  # student (generator) updates, one head update each
+    steps: int = 1400                  # student (generator) updates, one head update each
     batch_size: int = 8                # latents per step, all of one size (aspect-ratio bucket)
     lr: float = 1e-5                   # student AdamW
     disc_lr: float = 1e-3              # heads AdamW, beta1 = 0
@@ -78,11 +78,11 @@ class Config:
     warmup_probs: str = "0,0,0.5,0.5"  # ... during the first `warmup` steps
     warmup: int = 30                   # steps drawn with warmup_probs
     t_hat_mean: float = 0.0            # re-noising level t_hat ~ logit-normal(mean, std); notes: 1
-    t_hat_std: float = 1.0             # its spread
+    t_hat_std: float = 2.0             # its spread: wider judges more low-noise detail; notes: 1
     distill_weight: float = 0.0        # weight of an ADD-style distillation loss (0: none, LADD)
     r1_weight: float = 0.0             # weight of the approximate R1 penalty on the heads
     grad_clip: float = 1.0             # clip both gradients to this norm
-    ema: float = 0.99                  # EMA decay of the student used for sampling
+    ema: float = 0.995                 # EMA decay of the student used for sampling
     sampler: str = "renoise"           # the student's sampler stored in its checkpoint
     checkpointing: str = "auto"        # gradient checkpointing: auto (on CUDA) | on | off
     compile: bool = False              # torch.compile the student's and teacher's blocks
