@@ -1,11 +1,13 @@
 """
-Training-free inpainting for any flow model (a teacher or a few-step student), in latent space.
+Inpainting with flow models, in latent space: training-free for any model (a teacher or a
+few-step student), or with an inpainting model that reads the mask and the known region.
 
-    python inpaint.py --ckpt assets/shapes_teacher.safetensors --image in.png --mask mask.png \\
-        --prompt "a red circle to the left of a green triangle on a yellow background"
+    python inpaint.py --ckpt assets/shapes_teacher.safetensors --image docs/inpaint_in.png \\
+        --mask docs/inpaint_mask.png --prompt "a red circle to the left of a green triangle on a yellow background"
+    python inpaint.py --ckpt assets/shapes_inpaint_teacher.safetensors --eval 256   # judge edits
 
-The mask is white (>= 128) where the image is repainted. The method is RePaint's blend, adapted
-to rectified flow (x_s = (1 - s) x0 + s eps):
+The mask is white (>= 128) where the image is repainted. The training-free method is RePaint's
+blend, adapted to rectified flow (x_s = (1 - s) x0 + s eps):
   1. z0 = VAE(image), encoded once; x starts from the seeded noise of seed + i.
   2. at every step s_i -> s_{i+1}: the guided velocity and the sampler's update (euler or renoise,
      as in flow.sample), then the known region is put back at the new noise level:
@@ -26,8 +28,13 @@ Every random draw comes from a per-image CPU generator (seed + i, and seeds deri
 the step), so an image does not depend on the batch it is in. With an all-ones mask and no
 resampling the result is sample.generate's txt2img image for the same seed.
 
+An inpainting model (2 z + 1 input channels: [noisy latent | mask | known latent], made by
+train_teacher.py --task inpaint and distilled by train_ladd.py --task inpaint) needs no blend:
+it gets the mask and the known latent at every step; step 4 (the composite) is the same.
+
 Writes out.png (the first result; with several prompts also 000.png, 001.png, ...), strip.png
-(input | mask | output, a row per prompt) and the resolved config.json into --out.
+(input | mask | output, a row per prompt) and the resolved config.json into --out. --eval N
+instead judges N shapes-world edits with a known answer (edit_task) and writes edits.json.
 """
 
 import dataclasses
@@ -313,9 +320,11 @@ def evaluate_edits(pipe, n=256, seed=0, progress=False, batch_size=64, **setting
     pixels equal to the input (always 1.0). Edit i starts from the noise of seed + i.
     settings: inpaint's steps, cfg, sampler, resample, feather."""
     size_of = [tuple(pipe.sizes[i * len(pipe.sizes) // n]) for i in range(n)]
-    batches = [index[c:c + batch_size] for size in dict.fromkeys(size_of)
-               for index in [[i for i in range(n) if size_of[i] == size]]
-               for c in range(0, len(index), batch_size)]               # consecutive edits each
+    blocks = {}                                          # size -> its edits, consecutive
+    for i, size in enumerate(size_of):
+        blocks.setdefault(size, []).append(i)
+    batches = [index[c:c + batch_size] for index in blocks.values()
+               for c in range(0, len(index), batch_size)]
     rows = []
     with tqdm(total=n, desc="edits", disable=not progress) as bar:
         for index in batches:
