@@ -66,7 +66,7 @@ class Config:
     data_steps: int = 0                # teacher sampling steps for synthetic data (0: its default)
     data_cfg: float = 0.0              # teacher guidance for synthetic data (0: its default)
     # LADD
-    steps: int = 1400                  # student (generator) updates, one head update each
+    steps: int = 1600                  # student (generator) updates, one head update each
     batch_size: int = 8                # latents per step, all of one size (aspect-ratio bucket)
     lr: float = 1e-5                   # student AdamW
     disc_lr: float = 1e-3              # heads AdamW, beta1 = 0
