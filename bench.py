@@ -11,7 +11,8 @@ mmdit: forward (and with --backward forward+backward) of an MMDiT of a named con
 weights, median of a few timed iterations after warm-up; image tokens/s and TFLOP/s from a FLOP
 count of the config (`mmdit_flops`), on CUDA also the share of the card's matmul peak measured in
 the same run. --compare-diffusers times diffusers' SD3Transformer2DModel with the same weights
-in the same run, iterations interleaved, so both see the same machine load.
+in the same run, iterations interleaved, so both see the same machine load; --compile times the
+model with torch.compile'd blocks (MMDiT.compile_blocks) beside the eager one.
 sample: end to end (text encoding, sampling, VAE decode) images/s of a checkpoint at its default
 (guided, many-step) setting vs 4 and 1 unguided steps; a student has the teacher's architecture,
 so without --student the teacher at 4 and 1 unguided steps runs exactly at the student's speed.
