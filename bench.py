@@ -38,11 +38,11 @@ import torch
 import mmdit
 import shapes
 import vae as vae_lib
-from sample import one_line, pick_device, pick_dtype, run_cli
-from train_ladd import rss_peak_bytes
+from cli import DTYPES, Parser, one_line, pick_device, pick_dtype, run_cli
+from training import rss_peak_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+DTYPE_CHOICES = ("auto", *DTYPES)
 # mmdit config -> (VAE config of its latents, text tokens per prompt, default image size W, H);
 # a config not listed here is treated like sd3 (16 latent channels) or shapes (otherwise)
 SETTINGS = {
@@ -340,8 +340,8 @@ def bench_mmdit(a):
 
 
 def bench_sample(a):
-    from evaluate import nfe_per_image
-    from sample import check_size, generate, load_pipeline, sampling_settings
+    from metrics import nfe_per_image
+    from pipeline import check_size, generate, load_pipeline, sampling_settings
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
     teacher = load_pipeline(a.ckpt, device, dtype)
@@ -394,7 +394,8 @@ def ladd_case(spec):
     """Runs in its own process: builds a teacher, a student and heads of one config (random
     weights) and times train_ladd's generator_step + discriminator_step; the process's peak
     memory is the step's. Teacher stored in the autocast dtype on CUDA, fp32 elsewhere; the
-    student fp32 with AdamW, as train_ladd.py has them."""
+    student fp32 with AdamW, as train_ladd.py has them. The one place an entry script loads
+    another: this case measures the training script's own step, in a child process."""
     import flow
     import train_ladd
     from discriminator import Discriminator
@@ -422,11 +423,12 @@ def ladd_case(spec):
     t = torch.tensor([1.0, 0.75, 0.5, 0.25]).repeat(B)[:B].to(device)      # [B] student times
     t_hat = flow.sample_t_logit_normal(B, 1.0, 1.0, g, device)              # [B] re-noising
     noise = {k: torch.randn(x0.shape, generator=g).to(device) for k in ("eps", "eps_fake", "eps_real")}
-    batch = (x0, context, pooled, t, t_hat)
+    batch = train_ladd.Batch(x0, context, pooled, t, t_hat, **noise)
+    run = train_ladd.StepSettings(amp, grad_clip=1.0)
 
     def step():
-        fake, stats = train_ladd.generator_step(student, teacher, disc, opt_g, batch, noise, amp, 1.0)
-        stats.update(train_ladd.discriminator_step(teacher, disc, opt_d, batch, fake, noise, amp, 1.0))
+        fake, stats = train_ladd.generator_step(student, teacher, disc, opt_g, batch, run)
+        stats.update(train_ladd.discriminator_step(teacher, disc, opt_d, batch, fake, run))
         if stats["g_skipped"] or stats["d_skipped"]:
             raise RuntimeError(f"a step was skipped (non-finite loss or gradient): {stats}")
     seconds = time_cases({"step": step}, device, spec["warmup"], spec["iters"])["step"]
@@ -500,7 +502,7 @@ CASE = r"""
 import json, resource, sys, time
 import torch
 import vae as vae_lib
-from sample import pick_device, pick_dtype
+from cli import pick_device, pick_dtype
 args = json.loads(sys.argv[1])
 device = pick_device(args["device"])
 dtype = pick_dtype(args["dtype"], device)
@@ -714,16 +716,11 @@ def gpu_check(a):
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the usage block
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--gpu-check"]:
         argv[0] = "gpu-check"
-    p = _Parser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
+    p = Parser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
     sub = p.add_subparsers(dest="what", required=True, metavar="{mmdit,sample,ladd,vae,gpu-check}")
 
     def common(q, size=True):

@@ -22,17 +22,14 @@ timed around generation only (judging and rendering excluded).
 import dataclasses
 import json
 import os
-import time
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch.nn.functional as F
-
+import cli
 import flow
-import shapes
+import images
+import metrics
+import pipeline
 import weights
-from sample import (check_size, generate, load_pipeline, pick_device, pick_dtype,
-                    sampling_settings, save_strip, parse_config, run_cli)
 
 
 @dataclass
@@ -59,99 +56,12 @@ GRID_CAPTIONS = 8
 
 
 # ----------------------------------------------------------------------------------------------
-# Fréchet distance on fixed features (no download, no learned network)
-
-
-def features(images):
-    """[B, 3, H, W] in [-1, 1], any size -> [B, 57] float64 features: the share of pixels nearest
-    each of the 8 palette colours (9th: no palette colour near) and the image average-pooled to
-    4x4 RGB. Chosen over a random conv net because every number means something here: the
-    histogram sees wrong, missing or impure colours (blur and off-palette mush land in the 9th
-    bin), the 4x4 pooling sees coarse layout and object size, and both are exactly deterministic
-    and independent of the image size, so all aspect buckets share one feature space."""
-    rows = []
-    for image in images:
-        rgb = ((image.float().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()  # [H, W, 3] 0..255
-        classes, _ = shapes.classify_pixels(rgb)                                 # [H, W], -1 unknown
-        hist = np.bincount(classes.ravel() + 1, minlength=9)[[*range(1, 9), 0]] / classes.size  # [9]
-        pooled = F.adaptive_avg_pool2d(image[None].float(), 4).flatten().numpy()  # [48]
-        rows.append(np.concatenate([hist, pooled]))
-    return np.stack(rows).astype(np.float64)                                      # [B, 57]
-
-
-def _sqrt_psd(m):
-    """Square root of a symmetric positive semi-definite matrix, by eigendecomposition."""
-    values, vectors = np.linalg.eigh((m + m.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-
-
-def frechet_distance(a, b):
-    """Fréchet distance between Gaussians fitted to features a [N, D] and b [M, D] (N, M >= 2):
-    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2), with tr (S_a S_b)^1/2 computed as the
-    trace of the root of the symmetric PSD matrix S_a^1/2 S_b S_a^1/2 (float64, stable)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"the Fréchet distance needs at least 2 images a side, got {len(a)} and {len(b)}")
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root_a = _sqrt_psd(cov_a)
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
-    fd = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross
-    return float(max(fd, 0.0))
-
-
-# ----------------------------------------------------------------------------------------------
-# evaluating one pipeline
-
-
-def nfe_per_image(settings):
-    """Network evaluations per image: one per step, two with guidance (flow.cfg_velocity runs
-    cond and uncond whenever the scale is not 0 or 1)."""
-    guided = settings["cfg"] not in (None, 0, 1)
-    return settings["steps"] * (2 if guided else 1)
-
-
-def evaluate_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **overrides):
-    """(scores, images): the judge's mean scores, fd, nfe and timings for `n` captions drawn from
-    `seed`, caption j at size j % len(sizes) (default sizes: the checkpoint's); images in caption
-    order. Reference images for fd: the same captions rendered with layout seeds seed + 10^6 + j."""
-    sizes = [tuple(s) for s in (sizes or pipe.sizes)]
-    rng = np.random.default_rng(seed)
-    captions = [shapes.random_caption(rng) for _ in range(n)]
-    images, references, totals, seconds = [None] * n, [None] * n, {}, 0.0
-    for k, (w, h) in enumerate(sizes):
-        index = list(range(k, n, len(sizes)))
-        if not index:
-            continue
-        part = [captions[j] for j in index]
-        t0 = time.perf_counter()
-        generated = generate(pipe, part, w, h, seed=seed + 1000 * k, batch_size=64, progress=progress,
-                             **overrides)
-        seconds += time.perf_counter() - t0
-        rendered = shapes.render_batch(part, w, h, seed=seed + 10 ** 6 + k * n)
-        for key, value in shapes.judge_batch(generated, part).items():
-            totals[key] = totals.get(key, 0.0) + value * len(part)
-        for i, j in enumerate(index):
-            images[j], references[j] = generated[i], rendered[i]
-    scores = {k: round(v / n, 4) for k, v in totals.items()}
-    scores["fd"] = round(frechet_distance(features(images), features(references)), 4) if n >= 2 else None
-    scores["nfe"] = nfe_per_image(sampling_settings(pipe, **overrides))
-    scores["images_per_second"] = round(n / seconds, 4)
-    scores["seconds_per_image"] = round(seconds / n, 4)
-    return scores, images
-
-
-def judge_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **overrides):
-    """The scores of evaluate_pipeline without the images (train_teacher.py logs these)."""
-    return evaluate_pipeline(pipe, n, seed, sizes, progress, **overrides)[0]
-
-
-# ----------------------------------------------------------------------------------------------
 # command line
 
 
 def parse_args(argv=None):
     """argv -> EvalConfig; list fields are repeatable options."""
-    return parse_config(EvalConfig, argv, "evaluate.py", __doc__, {"sampler": flow.SAMPLERS},
+    return cli.parse_config(EvalConfig, argv, "evaluate.py", __doc__, {"sampler": flow.SAMPLERS},
                         ITEM_TYPES)
 
 
@@ -208,20 +118,21 @@ def run(c):
         raise ValueError(f"--n {c.n}: need at least 2 captions (the Fréchet distance needs 2 images)")
     if os.path.exists(c.out) and not os.path.isdir(c.out):
         raise ValueError(f"--out {c.out} is a file; pass a folder for the results")
-    device = pick_device(c.device)
-    dtype = pick_dtype(c.dtype, device)
+    device = cli.pick_device(c.device)
+    dtype = cli.pick_dtype(c.dtype, device)
     rows, grid, labels, pipe, pipe_ckpt = [], [], [], None, None
     for ckpt, overrides in rows_in:
         if ckpt != pipe_ckpt:  # the same checkpoint in consecutive rows loads once
-            pipe, pipe_ckpt = load_pipeline(ckpt, device, dtype), ckpt
+            pipe, pipe_ckpt = pipeline.load_pipeline(ckpt, device, dtype), ckpt
         for w, h in sizes or pipe.sizes:
-            check_size(pipe, w, h)
-        settings = sampling_settings(pipe, **overrides)
-        scores, images = evaluate_pipeline(pipe, c.n, c.seed, sizes, progress=not c.quiet, **overrides)
+            pipeline.check_size(pipe, w, h)
+        settings = pipeline.sampling_settings(pipe, **overrides)
+        scores, samples = metrics.evaluate_pipeline(pipe, c.n, c.seed, sizes, progress=not c.quiet,
+                                                    **overrides)
         rows.append({"name": row_name(ckpt, settings), "ckpt": ckpt, "steps": settings["steps"],
                      "cfg": settings["cfg"], "sampler": settings["sampler"], "shift": settings["shift"],
                      "sizes": [list(s) for s in (sizes or pipe.sizes)], **scores})
-        grid.append(images[:GRID_CAPTIONS])
+        grid.append(samples[:GRID_CAPTIONS])
         labels.append(f"{len(rows) - 1}: " + row_name(os.path.basename(os.path.normpath(ckpt)), settings))
 
     resolved = {**dataclasses.asdict(c), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
@@ -230,7 +141,7 @@ def run(c):
                                                     lambda f: f.write(text.encode()))
     write("results.json", json.dumps({"config": resolved, "results": rows}, indent=2))
     write("results.md", table)
-    save_strip(grid, os.path.join(c.out, "grid.png"), labels=labels)
+    images.save_strip(grid, os.path.join(c.out, "grid.png"), labels=labels)
     if not c.quiet:
         print(table + "grid.png rows: " + "; ".join(f"{i}: {r['name']}" for i, r in enumerate(rows)))
         print(f"wrote results.json, results.md and grid.png to {c.out}/")
@@ -238,7 +149,7 @@ def run(c):
 
 
 def main(argv=None):
-    run_cli(parse_args, run, argv)
+    cli.run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

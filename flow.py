@@ -114,6 +114,12 @@ def img2img_sigmas(sigmas, strength):
 
 # ----------------------------------------------------------------------------- per-sample noise
 
+def derive_seed(seed, k):
+    """The seed of draw k made for `seed` (a sampler step, a training step): seed * p + k with a
+    prime p, so the draws of nearby seeds do not collide."""
+    return seed * 1_000_003 + k
+
+
 def seeded_noise(seeds, shape_chw, device="cpu", dtype=torch.float32):
     """[B, C, H, W] noise; sample i drawn on its own CPU generator seeded with seeds[i],
     so an image depends only on its seed, not on batch size or device."""
@@ -125,7 +131,7 @@ def seeded_noise(seeds, shape_chw, device="cpu", dtype=torch.float32):
 def _step_noise(x, step, seeds, generator):
     """Fresh noise like x for the renoise sampler at loop index `step`."""
     if seeds is not None:  # per-sample: independent of batch size
-        return seeded_noise([s * 1000003 + step + 1 for s in seeds], x.shape[1:], x.device, x.dtype)
+        return seeded_noise([derive_seed(s, step + 1) for s in seeds], x.shape[1:], x.device, x.dtype)
     if generator is not None:
         return torch.randn(x.shape, generator=generator, device=generator.device).to(x)
     raise ValueError("sampler 'renoise' draws fresh noise each step: "
@@ -157,6 +163,17 @@ def cfg_velocity(model, x, t, context, pooled, uncond_context=None, uncond_poole
 
 # ----------------------------------------------------------------------------- the loop
 
+def sampler_step(x, v, s, s_next, sampler, eps=None):
+    """One step from noise level s to s_next < s, given the velocity v at (x, s).
+    euler:   x + (s_next - s) v
+    renoise: (1 - s_next) x0_hat + s_next eps, x0_hat = x - s v: the prediction re-noised with
+             fresh noise eps (ADD / LADD few-step sampling; no noise is needed at s_next = 0)."""
+    if sampler == "euler":
+        return x + (s_next - s) * v
+    x0_hat = x - s * v
+    return (1 - s_next) * x0_hat + (s_next * eps if s_next > 0 else 0.0)
+
+
 @torch.no_grad()
 def sample(model, noise, sigmas, context, pooled, uncond_context=None, uncond_pooled=None,
            cfg=1.0, sampler="euler", generator=None, seeds=None, x_init=None, callback=None,
@@ -184,12 +201,9 @@ def sample(model, noise, sigmas, context, pooled, uncond_context=None, uncond_po
         t = torch.full((B,), s, device=x.device, dtype=torch.float32)  # [B]
         v = cfg_velocity(model, x, t, context, pooled, uncond_context, uncond_pooled, cfg)
         v = v.to(x.dtype)                                              # [B, C, H, W]
-        x0_hat = x - s * v
-        if sampler == "euler":
-            x = x + (s_next - s) * v
-        else:
-            eps = _step_noise(x, i, seeds, generator) if s_next > 0 else 0.0
-            x = (1 - s_next) * x0_hat + s_next * eps
+        eps = _step_noise(x, i, seeds, generator) if sampler == "renoise" and s_next > 0 else None
+        x0_hat = x - s * v                                             # [B, C, H, W]
+        x = sampler_step(x, v, s, s_next, sampler, eps)
         if callback is not None:
             callback(i, x0_hat)
     return x

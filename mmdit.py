@@ -193,9 +193,13 @@ class Attention(nn.Module):
 
 
 class StreamBlock(nn.Module):
-    """One stream's half of a joint block (SD3's `context_block` or `x_block`). Modulation
-    chunks: (shift, scale, gate) for attention, (shift, scale, gate) for the MLP, and for MMDiT-X
-    (shift, scale, gate) of the second attention; a pre-only block has (shift, scale) alone."""
+    """One stream's half of a joint block (SD3's `context_block` or `x_block`). Its modulation
+    (adaLN_modulation(c), chunked in the order of MODULATION) shifts, scales and gates the
+    attention input and output, the MLP, and for MMDiT-X the second, image-only attention; a
+    pre-only block (the last block's text stream) only shifts and scales its attention input."""
+    MODULATION = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp",
+                  "shift_msa2", "scale_msa2", "gate_msa2")  # SD3's order, 9 chunks of D
+
     def __init__(self, dim, heads, mlp_ratio, qk_norm, pre_only=False, dual=False):
         super().__init__()
         self.pre_only, self.dual = pre_only, dual
@@ -206,22 +210,23 @@ class StreamBlock(nn.Module):
         if not pre_only:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.mlp = MLP(dim, int(dim * mlp_ratio))
-        n_mod = 2 if pre_only else 9 if dual else 6
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, n_mod * dim))
+        self.chunks = self.MODULATION[:2 if pre_only else 9 if dual else 6]
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, len(self.chunks) * dim))
 
     def pre_attention(self, h, c):
-        mods = self.adaLN_modulation(c).chunk(9 if self.dual else 2 if self.pre_only else 6, dim=1)
+        """-> (q, k, v) of this stream, and the state post_attention needs."""
+        m = dict(zip(self.chunks, self.adaLN_modulation(c).chunk(len(self.chunks), dim=1)))  # [B, D] each
         hn = self.norm1(h)                                      # [B, L, D]
-        return self.attn.qkv_heads(modulate(hn, mods[0], mods[1])), (hn, mods)
+        return self.attn.qkv_heads(modulate(hn, m["shift_msa"], m["scale_msa"])), (hn, m)
 
     def post_attention(self, h, a, state):
-        hn, (_, _, gate, shift_mlp, scale_mlp, gate_mlp, *mods2) = state
-        h = h + gate.unsqueeze(1) * self.attn.proj(a)           # [B, L, D]
+        hn, m = state
+        h = h + m["gate_msa"].unsqueeze(1) * self.attn.proj(a)  # [B, L, D]
         if self.dual:                                           # MMDiT-X: image-only attention
-            shift2, scale2, gate2 = mods2
-            q, k, v = self.attn2.qkv_heads(modulate(hn, shift2, scale2))
-            h = h + gate2.unsqueeze(1) * self.attn2.proj(attention(q, k, v))
-        return h + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+            q, k, v = self.attn2.qkv_heads(modulate(hn, m["shift_msa2"], m["scale_msa2"]))
+            h = h + m["gate_msa2"].unsqueeze(1) * self.attn2.proj(attention(q, k, v))
+        mlp_in = modulate(self.norm2(h), m["shift_mlp"], m["scale_mlp"])
+        return h + m["gate_mlp"].unsqueeze(1) * self.mlp(mlp_in)  # [B, L, D]
 
 
 class JointBlock(nn.Module):
@@ -319,34 +324,41 @@ class MMDiT(nn.Module):
         x = x.view(x.shape[0], h, w, p, p, C)               # [B, h, w, py, px, C]
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], C, h * p, w * p)  # [B, C, H, W]
 
-    def forward(self, x, t, context, y, return_features=False, feature_blocks=None):
-        """-> v [B, C, H, W]; with return_features also the image tokens after each joint block
-        (or those in `feature_blocks`) as [B, D, h, w] maps: (v, [features ...])."""
-        return self._run(x, t, context, y, feature_blocks, return_features, head=True)
-
-    def features(self, x, t, context, y, blocks=None):
-        """Only the per-block image-token maps [B, D, h, w]; stops after the last one needed."""
-        return self._run(x, t, context, y, blocks, True, head=False)[1]
-
-    def _run(self, x, t, context, y, blocks, want_features, head):
-        B, _, H, W = x.shape
-        h, w = self.token_grid(H, W)
-        blocks = set(range(self.config.depth) if blocks is None else blocks)
-        last = self.config.depth - 1 if head else max(blocks)
+    def embed(self, x, t, context, y):
+        """-> image tokens [B, N, D] with their positions, the conditioning vector c [B, D]
+        (timestep + pooled text), text tokens [B, L, D], and the token grid (h, w)."""
+        h, w = self.token_grid(*x.shape[-2:])
         tok = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)  # [B, N, D]
         c = (self.t_embedder(timestep_embedding(1000 * t).to(x.dtype))
              + self.y_embedder(y))                                          # [B, D]
-        ctx = self.context_embedder(context)                               # [B, L, D]
-        feats = []
-        for i, block in enumerate(self.joint_blocks[:last + 1]):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                ctx, tok = checkpoint(block, ctx, tok, c, use_reentrant=False)
-            else:
-                ctx, tok = block(ctx, tok, c)
-            if want_features and i in blocks:
-                feats.append(tok.transpose(1, 2).reshape(B, -1, h, w))     # [B, D, h, w]
-        out = self.unpatchify(self.final_layer(tok, c), h, w) if head else None
-        return (out, feats) if want_features else out
+        return tok, c, self.context_embedder(context), (h, w)              # ..., [B, L, D]
+
+    def run_block(self, i, ctx, tok, c):
+        """Joint block i (with gradient checkpointing when it is on and autograd records)."""
+        block = self.joint_blocks[i]
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, ctx, tok, c, use_reentrant=False)
+        return block(ctx, tok, c)
+
+    def forward(self, x, t, context, y):
+        """-> the velocity v [B, C, H, W]."""
+        tok, c, ctx, (h, w) = self.embed(x, t, context, y)
+        for i in range(self.config.depth):
+            ctx, tok = self.run_block(i, ctx, tok, c)
+        return self.unpatchify(self.final_layer(tok, c), h, w)
+
+    def features(self, x, t, context, y, blocks=None):
+        """The image tokens after each joint block in `blocks` (default: all), as 2-D maps
+        [B, D, h, w] in ascending block order (what the discriminator heads read); stops after
+        the last block needed."""
+        blocks = sorted(set(range(self.config.depth) if blocks is None else blocks))
+        tok, c, ctx, (h, w) = self.embed(x, t, context, y)
+        maps = []
+        for i in range(blocks[-1] + 1):
+            ctx, tok = self.run_block(i, ctx, tok, c)
+            if i in blocks:
+                maps.append(tok.transpose(1, 2).reshape(len(x), -1, h, w))  # [B, D, h, w]
+        return maps
 
     def compile_blocks(self, **options):
         """torch.compile every joint block in place: the same weights and key names, fused

@@ -17,9 +17,7 @@ Every step's data and noise are a pure function of (seed, step), so a resumed ru
 exactly where it stopped.
 """
 
-import atexit
 import dataclasses
-import datetime
 import json
 import os
 import sys
@@ -28,17 +26,20 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import flow
-import inpaint
+import images
+import inpainting
+import metrics
 import mmdit
+import pipeline
 import shapes
+import training
 import vae as vae_lib
 import weights
-from sample import Pipeline, generate, pick_device, pick_dtype, run_cli, save_grid
 
 
 @dataclass
@@ -104,153 +105,6 @@ PRESETS = {
 TEXT_ENCODER = {"name": "shapes", "dim": 64, "pooled_dim": 64, "seed": 0}
 
 
-def parse_given(cls, presets, argv, doc):
-    """The CLI of a training script, generated from its config dataclass. Returns only the
-    options given on the command line; `resolve_config` puts the preset (or, with --resume, the
-    run's saved config) under them."""
-    import argparse
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], allow_abbrev=False)
-    for f in dataclasses.fields(cls):
-        if isinstance(f.default, bool):  # a switch: given means on
-            p.add_argument("--" + f.name.replace("_", "-"), action="store_const", const=True,
-                           default=None, help="(default: off)")
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
-                           help=f"(default: {f.default})")
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    if given.get("preset", "default") not in presets:
-        p.error(f"--preset {given['preset']!r}: choose one of {', '.join(presets)}")
-    return given
-
-
-def resolve_config(cls, presets, given, script):
-    if given.get("resume"):
-        path = os.path.join(given["resume"], "config.json")
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --resume {given['resume']}: no config.json there; pass a "
-                             f"run folder made by {script}")
-        with open(path) as f:
-            return cls(**{**json.load(f), **given, "out": given["resume"]})
-    return cls(**{**presets[given.get("preset", "default")], **given})
-
-
-# ----------------------------------------------------------------------------------------------
-# several processes: `torchrun --nproc_per_node=N train_ladd.py` (or train_teacher.py)
-
-
-@dataclass
-class World:
-    """This process's place among torchrun's N processes (one process: rank 0 of 1).
-
-    One code path for any N: every random draw of a step (rows, times, noises) is made for the
-    whole global batch on every rank, each rank keeps its own rows, and DDP averages the
-    gradients. So N processes compute what one process computes on the same global batch, and
-    every rank holds the same weights. Rank 0 alone writes files, logs, grids and judges."""
-    rank: int = 0
-    size: int = 1
-    device: str = "cpu"  # where collectives run: NCCL reduces CUDA tensors only
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def rows(self, x):
-        """This rank's share of a global batch (tensor or list): its contiguous block of rows."""
-        if len(x) % self.size:
-            raise ValueError(f"a batch of {len(x)} does not split over {self.size} processes; "
-                             f"make --batch-size a multiple of {self.size}")
-        n = len(x) // self.size
-        return x[self.rank * n:(self.rank + 1) * n]
-
-    def wrap(self, module, device, shard=False):
-        """The module to train: itself with one process; DDP around it (a full copy on every
-        rank, gradients averaged, overlapped with backward); or with `shard`, FSDP (PyTorch's
-        fully_shard, in place): each joint block's weights, gradients and optimizer state are
-        split over the ranks and gathered block by block when used. Create optimizers after."""
-        if self.size == 1:
-            return module
-        if shard:
-            from torch.distributed.fsdp import fully_shard
-            for block in module.joint_blocks:
-                fully_shard(block)
-            return fully_shard(module)
-        return torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def state(self, module, opt=None):
-        """The whole state dict of a module (or of its optimizer) on rank 0's CPU; gathered from
-        the shards of an FSDP module, a collective that every rank must call."""
-        if not is_sharded(module):
-            return module.state_dict() if opt is None else opt.state_dict()
-        from torch.distributed.checkpoint import state_dict as dcp
-        full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
-        if opt is None:
-            return dcp.get_model_state_dict(module, options=full)
-        return dcp.get_optimizer_state_dict(module, opt, options=full)
-
-    def load(self, module, state, opt=None):
-        """The inverse of `state`: every rank passes the whole state dict; FSDP keeps its share."""
-        if not is_sharded(module):
-            return module.load_state_dict(state) if opt is None else opt.load_state_dict(state)
-        from torch.distributed.checkpoint import state_dict as dcp
-        full = dcp.StateDictOptions(full_state_dict=True)
-        if opt is None:
-            return dcp.set_model_state_dict(module, state, options=full)
-        return dcp.set_optimizer_state_dict(module, opt, state, options=full)
-
-    def all_true(self, flag):
-        """True when `flag` holds on every rank: decisions that change control flow (skip a
-        step, stop early) must be the same on all ranks, or the next collective waits forever."""
-        if self.size == 1:
-            return bool(flag)
-        x = torch.tensor(float(bool(flag)), device=self.device)
-        dist.all_reduce(x, op=dist.ReduceOp.MIN)
-        return bool(x)
-
-    def mean(self, stats):
-        """The average over ranks of a dict of numbers (for the log)."""
-        if self.size == 1:
-            return stats
-        x = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)
-        dist.all_reduce(x)
-        return dict(zip(stats, (x / self.size).tolist()))
-
-    def barrier(self):
-        if self.size > 1:
-            dist.barrier()
-
-
-def is_sharded(module):
-    return any(hasattr(p, "full_tensor") for p in module.parameters())  # DTensor weights: FSDP
-
-
-def init_world(device_name, batch_size):
-    """-> (World, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is
-    one process on `device_name`. Several processes use cuda:LOCAL_RANK with NCCL, or the CPU
-    with gloo; ranks other than 0 print nothing. The global batch must split evenly."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(device_name)
-    if batch_size % size:
-        raise ValueError(f"--batch-size {batch_size} does not split over {size} processes; make "
-                         f"it a multiple of {size}")
-    if size == 1:
-        return World(), device
-    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise ValueError(f"--device {device_name}: several processes run on cuda or cpu, not "
-                         f"{device.type}; pass --device cpu or launch one process")
-    if not dist.is_initialized():  # long timeout: rank 0 may sample or judge while others wait
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=2))
-        atexit.register(dist.destroy_process_group)
-    if rank:
-        sys.stdout = open(os.devnull, "w")
-    return World(rank, dist.get_world_size(), str(device)), device
-
-
 # ----------------------------------------------------------------------------------------------
 # data
 
@@ -274,11 +128,6 @@ def scene_loader(batch_size, seed, start_step, workers):
         SceneStream(batch_size, seed, start_step), batch_size=None, num_workers=workers,
         collate_fn=lambda b: b, prefetch_factor=4 if workers else None,
         persistent_workers=False))
-
-
-def step_generator(seed, step, device):
-    """Noise and timesteps of a step are drawn from a generator seeded by (seed, step)."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,8 +156,8 @@ def train_vae(cfg, device, amp, workers, log):
         lr = cfg.vae_lr * min(1.0, (step + 1) / 100) * (0.1 if step > 0.8 * cfg.vae_steps else 1)
         for group in opt.param_groups:
             group["lr"] = lr
-        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            loss = vae_loss(model, images, step_generator(cfg.seed, step, device), cfg.kl_weight)
+        with training.autocast(device, amp):
+            loss = vae_loss(model, images, training.step_generator(cfg.seed, step, device), cfg.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -346,15 +195,16 @@ def judge_reconstructions(vae, n, seed, device):
 # phase 2: the teacher
 
 
-def flow_loss(model, x0, context, pooled, generator, t_mean, t_std, world=World(), extra=None):
+def flow_loss(model, x0, context, pooled, generator, t_mean, t_std, world=training.World(),
+              known=None):
     """Rectified flow: regress the velocity eps - x0 at a logit-normal time. x0 holds this
-    rank's rows; times and noises are drawn for the global batch (see World). extra: channels
-    appended to the model's input (an inpainting model's mask and known latent)."""
+    rank's rows; times and noises are drawn for the global batch (training.World). known: an
+    inpainting model's mask and known latent, read next to the noisy latent."""
     n = len(x0) * world.size
     t = world.rows(flow.sample_t_logit_normal(n, t_mean, t_std, generator, x0.device))  # [B]
     noise = world.rows(torch.randn((n, *x0.shape[1:]), generator=generator, device=x0.device))
     x_t = flow.add_noise(x0, noise, t)                                                 # [B, C, H, W]
-    v = model(x_t if extra is None else torch.cat([x_t, extra], 1), t, context, pooled)
+    v = model(inpainting.with_known(x_t, known), t, context, pooled)
     return F.mse_loss(v.float(), flow.velocity_target(x0, noise))
 
 
@@ -363,30 +213,19 @@ def drop_captions(captions, p, generator):
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
-
-
-def checkpoint_metadata(cfg, vae_file, extra=None):
-    meta = {
-        "text_encoder": json.dumps(TEXT_ENCODER),
-        "vae": vae_file,
-        "sampler": json.dumps({"steps": cfg.sample_steps, "cfg": cfg.sample_cfg,
-                               "shift": cfg.sample_shift, "sampler": "euler"}),
-        "sizes": json.dumps([list(s) for s in shapes.SIZES.values()]),
-        "command": "python train_teacher.py " + " ".join(sys.argv[1:]),
-        "train_config": json.dumps(asdict(cfg)),
-    }
-    meta.update(extra or {})
-    return meta
+def teacher_metadata(cfg, vae_file, step, extra=None):
+    """What pipeline.load_pipeline reads: the shapes text encoder, the VAE file, the sampling
+    defaults and the world's sizes."""
+    sampler = {"steps": cfg.sample_steps, "cfg": cfg.sample_cfg, "shift": cfg.sample_shift,
+               "sampler": "euler"}
+    return training.checkpoint_metadata("train_teacher.py", cfg, TEXT_ENCODER, vae_file, sampler,
+                                        shapes.SIZES.values(), train_steps=str(step),
+                                        **(extra or {}))
 
 
 def save_teacher(cfg, ema, step, extra=None):
     ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"),
-                        checkpoint_metadata(cfg, "vae.safetensors",
-                                            {"train_steps": str(step), **(extra or {})}))
+                        teacher_metadata(cfg, "vae.safetensors", step, extra))
 
 
 def widen_input(state, in_channels):
@@ -405,15 +244,15 @@ def preview(pipe, path, seed=0):
     rng = torch.Generator().manual_seed(seed)
     captions = [shapes.random_caption(int(torch.randint(2**31, (1,), generator=rng)))
                 for _ in range(8)]
-    images = generate(pipe, captions, 64, 64, seed=seed, progress=False)
-    save_grid(images, path, nrow=4)
+    samples = pipeline.generate(pipe, captions, 64, 64, seed=seed, progress=False)
+    images.save_grid(samples, path, nrow=4)
 
 
 def train(cfg):
     if cfg.task not in ("t2i", "inpaint"):
         raise ValueError(f"--task {cfg.task!r}: choose t2i or inpaint")
-    world, device = init_world(cfg.device, cfg.batch_size)
-    amp = pick_dtype(cfg.dtype, device)
+    world, device = training.init_world(cfg.device, cfg.batch_size)
+    amp = cli.pick_dtype(cfg.dtype, device)
     workers = cfg.workers if cfg.workers >= 0 else (0 if device.type == "cpu" else
                                                      min(8, max(1, (os.cpu_count() or 2) - 2)))
     os.makedirs(cfg.out, exist_ok=True)
@@ -486,7 +325,7 @@ def train(cfg):
         print(f"resumed {cfg.out} at step {start}")
     print(f"teacher: {mmdit.count_params(model) / 1e6:.1f}M params, {cfg.steps} steps of "
           f"{cfg.batch_size} on {device} ({amp}) x {world.size} process(es), {workers} data workers")
-    pipe = Pipeline(model=ema, text_encoder=text_encoder, vae=vae,
+    pipe = pipeline.Pipeline(model=ema, text_encoder=text_encoder, vae=vae,
                     defaults={"steps": cfg.sample_steps, "cfg": cfg.sample_cfg,
                               "shift": cfg.sample_shift, "sampler": "euler"},
                     sizes=list(shapes.SIZES.values()), path=cfg.out)
@@ -504,33 +343,30 @@ def train(cfg):
                dynamic_ncols=True, disable=not world.main)
     for step in bar:
         images, captions = next(data)                                   # the global batch
-        g = step_generator(cfg.seed, step, device)
+        g = training.step_generator(cfg.seed, step, device)
         captions = world.rows(drop_captions(captions, cfg.caption_dropout, g))
         with torch.no_grad():
             x0 = vae.encode(world.rows(images).to(device))              # [B / N, z, h, w]
             context, pooled = text_encoder.encode(captions)
-            extra = None
+            known = None
             if cfg.task == "inpaint":  # a mask per image of the global batch, then this rank's
                 rng = np.random.default_rng([cfg.seed, step, 1])
-                masks = world.rows(torch.stack([inpaint.random_mask(im, rng) for im in images]))
-                m = inpaint.latent_mask(masks, vae.config.factor).to(device)  # [B / N, 1, h, w]
-                extra = inpaint.known_channels(x0, m)                   # [B / N, 1 + z, h, w]
+                masks = world.rows(torch.stack([inpainting.random_mask(im, rng) for im in images]))
+                m = inpainting.latent_mask(masks, vae.config.factor).to(device)  # [B / N, 1, h, w]
+                known = inpainting.known_channels(x0, m)                   # [B / N, 1 + z, h, w]
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            loss = flow_loss(trained, x0, context, pooled, g, cfg.t_mean, cfg.t_std, world, extra)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if torch.isfinite(gnorm):
-            opt.step()
-            ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
+        with training.autocast(device, amp):
+            loss = flow_loss(trained, x0, context, pooled, g, cfg.t_mean, cfg.t_std, world, known)
+        gnorm, skipped = training.update(opt, loss, model.parameters(), cfg.grad_clip, world)
+        if not skipped:
+            training.ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
         seen += cfg.batch_size
         if step % cfg.log_every == 0:
             rate = seen / (time.time() - t0)
             mean_loss = world.mean({"loss": loss.item()})["loss"]
-            log({"phase": "teacher", "step": step, "loss": mean_loss, "grad_norm": gnorm.item(),
+            log({"phase": "teacher", "step": step, "loss": mean_loss, "grad_norm": gnorm,
                  "lr": lr, "samples_per_s": rate})
             bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{rate:.0f}", refresh=False)
         if (cfg.sample_every and step % cfg.sample_every == 0 and step > start and world.main
@@ -550,10 +386,9 @@ def train(cfg):
         preview(pipe, os.path.join(cfg.out, "samples_final.png"))
     if cfg.judge_n:
         if cfg.task == "inpaint":  # edits with a known answer, judged against the new caption
-            scores = inpaint.evaluate_edits(pipe, cfg.judge_n, progress=True)
+            scores = metrics.judge_edits(pipe, cfg.judge_n, progress=True)
         else:
-            from evaluate import judge_pipeline
-            scores = judge_pipeline(pipe, cfg.judge_n, seed=1234, progress=True)
+            scores = metrics.judge_pipeline(pipe, cfg.judge_n, seed=1234, progress=True)
         print("judge:", json.dumps(scores))
         log({"phase": "judge", "step": step, **scores})
         extra["judge"] = json.dumps(scores)
@@ -564,14 +399,11 @@ def train(cfg):
     return ema
 
 
-SHIPPED = {"t2i": "shapes_teacher.safetensors", "inpaint": "shapes_inpaint_teacher.safetensors"}
-
-
 def export(cfg, vae, ema, step, extra):
     """The shipped form: fp16 copies (half the size; loaders convert back to fp32 on the CPU),
     the teacher as SHIPPED[task] and, when this run trained it, the VAE as shapes_vae."""
     os.makedirs(cfg.export, exist_ok=True)
-    names = [SHIPPED[cfg.task]]
+    names = [training.SHIPPED[cfg.task]]
     if not cfg.vae:
         vae_meta = weights.load_metadata(os.path.join(cfg.out, "vae.safetensors"))
         vae_meta.pop("config", None)
@@ -581,16 +413,20 @@ def export(cfg, vae, ema, step, extra):
         names.append("shapes_vae.safetensors")
     half = mmdit.MMDiT(ema.config).to(torch.float16)
     half.load_state_dict(ema.state_dict())
-    half.save_pretrained(os.path.join(cfg.export, SHIPPED[cfg.task]),
-                         checkpoint_metadata(cfg, "shapes_vae.safetensors",
-                                             {"train_steps": str(step), **extra}))
+    half.save_pretrained(os.path.join(cfg.export, training.SHIPPED[cfg.task]),
+                         teacher_metadata(cfg, "shapes_vae.safetensors", step, extra))
     print(f"exported {' and '.join(os.path.join(cfg.export, n) for n in names)}")
 
 
+def parse_args(argv=None):
+    """argv -> the options given (a dict); `train` gets them over the preset or resumed run."""
+    return cli.parse_config(Config, argv, "train_teacher.py", __doc__, {"preset": tuple(PRESETS)},
+                            given_only=True)
+
+
 def main(argv=None):
-    return run_cli(lambda a: parse_given(Config, PRESETS, a, __doc__),
-                   lambda given: train(resolve_config(Config, PRESETS, given, "train_teacher.py")),
-                   argv)
+    return cli.run_cli(parse_args, lambda given: train(cli.resolve_config(
+        Config, PRESETS, given, "train_teacher.py")), argv)
 
 
 if __name__ == "__main__":

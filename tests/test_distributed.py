@@ -21,6 +21,7 @@ import sys
 import torch.distributed as dist
 sys.path.insert(0, {repo!r})
 import {script}, weights
+import training
 result = {script}.main(sys.argv[1:])
 model = getattr(result, "model", result)
 state = {{k: v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP: gather the shards
@@ -102,8 +103,8 @@ def test_teacher_two_processes_match_one(tmp_path):
 def test_a_batch_that_does_not_split_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="--batch-size 4 does not split over 3"):
-        train_teacher.init_world("cpu", 4)  # before any process group is made
-    world = train_teacher.World(rank=1, size=3)
+        training.init_world("cpu", 4)  # before any process group is made
+    world = training.World(rank=1, size=3)
     assert world.rows(torch.arange(6)).tolist() == [2, 3]
     assert world.rows(list("abcdef")) == ["c", "d"]
     with pytest.raises(ValueError, match="multiple of 3"):

@@ -11,6 +11,8 @@ import evaluate
 import shapes
 
 from conftest import expect_one_line_error, make_checkpoint
+import metrics
+import pipeline
 
 ONE_THREAD = True
 
@@ -68,23 +70,23 @@ def test_main_writes_a_row_per_configuration_and_is_deterministic(teacher, tmp_p
 def test_frechet_distance_separates_rendered_from_noise():
     rng = np.random.default_rng(0)
     captions = [shapes.random_caption(rng) for _ in range(64)]
-    a = evaluate.features(shapes.render_batch(captions, 32, 32, seed=0))
-    b = evaluate.features(shapes.render_batch(captions, 32, 32, seed=1000))  # other layouts
-    noise = evaluate.features(torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    a = metrics.features(shapes.render_batch(captions, 32, 32, seed=0))
+    b = metrics.features(shapes.render_batch(captions, 32, 32, seed=1000))  # other layouts
+    noise = metrics.features(torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     assert a.shape == (64, 57) and np.allclose(a[:, :9].sum(1), 1)
-    assert evaluate.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
-    same, far = evaluate.frechet_distance(a, b), evaluate.frechet_distance(a, noise)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    same, far = metrics.frechet_distance(a, b), metrics.frechet_distance(a, noise)
     assert same < 0.1 * far, (same, far)
-    assert far == pytest.approx(evaluate.frechet_distance(noise, a), rel=1e-6)  # symmetric
+    assert far == pytest.approx(metrics.frechet_distance(noise, a), rel=1e-6)  # symmetric
     shifted = a + 1.0  # a pure mean shift of 1 in each of 57 dims, same covariance
-    assert evaluate.frechet_distance(a, shifted) == pytest.approx(57, rel=1e-6)
+    assert metrics.frechet_distance(a, shifted) == pytest.approx(57, rel=1e-6)
 
 
 def test_judge_pipeline_keeps_its_keys(teacher):
-    pipe = evaluate.load_pipeline(teacher)
-    scores = evaluate.judge_pipeline(pipe, 3, seed=1, steps=1)
+    pipe = pipeline.load_pipeline(teacher)
+    scores = metrics.judge_pipeline(pipe, 3, seed=1, steps=1)
     assert COLUMNS <= set(scores) and scores["nfe"] == 2  # the checkpoint's cfg 3.0
-    assert evaluate.judge_pipeline(pipe, 1, seed=1, steps=1, cfg=1.0)["fd"] is None  # too few images
+    assert metrics.judge_pipeline(pipe, 1, seed=1, steps=1, cfg=1.0)["fd"] is None  # too few images
 
 
 def test_bad_inputs_are_one_line_errors(teacher, tmp_path, capsys):

@@ -15,6 +15,10 @@ import inpaint
 import sample
 import shapes
 from conftest import (expect_one_line_error, make_checkpoint, make_inpainting_checkpoint,  # tiny checkpoints
+import images
+import inpainting
+import metrics
+import pipeline
                       read_png, PROMPTS)
 
 ONE_THREAD = True
@@ -30,7 +34,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(ckpt):
-    return sample.load_pipeline(ckpt)
+    return pipeline.load_pipeline(ckpt)
 
 
 def box(h, w, top, left, bottom, right):
@@ -62,7 +66,7 @@ MASKS = {
 def test_unmasked_pixels_are_the_input_exactly(pipe, name, sampler):
     img, mask = image(), MASKS[name]
     for seed in (0, 5):
-        out = inpaint.inpaint(pipe, img, mask[0], PROMPTS[:2], seed=seed, sampler=sampler)  # [H, W] mask
+        out = inpainting.inpaint(pipe, img, mask[0], PROMPTS[:2], seed=seed, sampler=sampler)  # [H, W] mask
         assert out.shape == (2, 3, 16, 24) and out.min() >= -1 and out.max() <= 1
         keep = (mask == 0).expand(3, -1, -1)
         for o in out:
@@ -72,26 +76,26 @@ def test_unmasked_pixels_are_the_input_exactly(pipe, name, sampler):
 
 def test_all_zero_mask_returns_the_input(pipe):
     img = image()
-    out = inpaint.inpaint(pipe, img, torch.zeros(1, 16, 24), PROMPTS, seed=2, resample=1, feather=1)
+    out = inpainting.inpaint(pipe, img, torch.zeros(1, 16, 24), PROMPTS, seed=2, resample=1, feather=1)
     assert torch.equal(out, img.expand(3, -1, -1, -1))
 
 
 @pytest.mark.parametrize("sampler", ["euler", "renoise"])
 def test_all_ones_mask_is_txt2img(pipe, sampler):
     """Nothing to keep: the blend is a no-op and the noise streams are flow.sample's."""
-    got = inpaint.inpaint(pipe, image(), torch.ones(16, 24), PROMPTS[:2], seed=4, sampler=sampler)
-    want = sample.generate(pipe, PROMPTS[:2], 24, 16, seed=4, sampler=sampler, progress=False)
+    got = inpainting.inpaint(pipe, image(), torch.ones(16, 24), PROMPTS[:2], seed=4, sampler=sampler)
+    want = pipeline.generate(pipe, PROMPTS[:2], 24, 16, seed=4, sampler=sampler, progress=False)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_seed_gives_same_image_whatever_the_batch(pipe):
     img, mask = image(), MASKS["box"]
     for kw in ({"sampler": "renoise"}, {"resample": 1, "feather": 1}):
-        two = inpaint.inpaint(pipe, img, mask, PROMPTS[:2], seed=3, **kw)
-        one = inpaint.inpaint(pipe, img, mask, PROMPTS[:1], seed=3, **kw)
-        second = inpaint.inpaint(pipe, img, mask, PROMPTS[1:2], seed=4, **kw)  # seed + 1
+        two = inpainting.inpaint(pipe, img, mask, PROMPTS[:2], seed=3, **kw)
+        one = inpainting.inpaint(pipe, img, mask, PROMPTS[:1], seed=3, **kw)
+        second = inpainting.inpaint(pipe, img, mask, PROMPTS[1:2], seed=4, **kw)  # seed + 1
         torch.testing.assert_close(two, torch.cat([one, second]), atol=1e-5, rtol=0)
-    other = inpaint.inpaint(pipe, img, mask, PROMPTS[:1], seed=9)
+    other = inpainting.inpaint(pipe, img, mask, PROMPTS[:1], seed=9)
     assert (other - one).abs().max() > 1e-3
 
 
@@ -99,11 +103,11 @@ def test_resample_runs_and_still_composites_exactly(pipe, monkeypatch):
     img, mask = image(), MASKS["box"]
     calls, forward = [], pipe.model.forward
     monkeypatch.setattr(pipe.model, "forward", lambda x, t, *a: calls.append(t[0].item()) or forward(x, t, *a))
-    out = inpaint.inpaint(pipe, img, mask, PROMPTS[:1], seed=1, resample=1)
+    out = inpainting.inpaint(pipe, img, mask, PROMPTS[:1], seed=1, resample=1)
     assert calls == pytest.approx([1.0, 1.0, 0.5005, 0.5005, 0.001, 0.001])  # every step twice
     keep = (mask == 0).expand(3, -1, -1)
     assert torch.equal(out[0][keep], img[keep])
-    plain = inpaint.inpaint(pipe, img, mask, PROMPTS[:1], seed=1)
+    plain = inpainting.inpaint(pipe, img, mask, PROMPTS[:1], seed=1)
     assert (out - plain).abs().max() > 1e-3
 
 
@@ -111,16 +115,16 @@ def test_latent_mask_any_pixel_rule_and_feathering():
     mask = torch.zeros(2, 1, 8, 12)
     mask[0, 0, 3, 5] = 1                       # one pixel -> its latent pixel (1, 2)
     mask[1, 0, 4:8, 0:4] = 1
-    m = inpaint.latent_mask(mask, 2)
+    m = inpainting.latent_mask(mask, 2)
     assert m.shape == (2, 1, 4, 6)
     assert m[0, 0, 1, 2] == 1 and m[0].sum() == 1
     assert m[1, 0, 2:, :2].eq(1).all() and m[1].sum() == 4
-    assert inpaint.latent_mask(mask[:1], 4).shape == (1, 1, 2, 3)
+    assert inpainting.latent_mask(mask[:1], 4).shape == (1, 1, 2, 3)
 
     big = torch.zeros(1, 1, 32, 32)
     big[..., 8:24, 8:24] = 1
-    hard = inpaint.latent_mask(big, 2)         # [1, 1, 16, 16], core 4:12
-    soft = inpaint.latent_mask(big, 2, feather=2)
+    hard = inpainting.latent_mask(big, 2)         # [1, 1, 16, 16], core 4:12
+    soft = inpainting.latent_mask(big, 2, feather=2)
     assert soft.shape == hard.shape and soft.min() >= 0 and soft.max() <= 1
     assert soft[hard == 1].eq(1).all()         # the hard core stays 1
     ring = soft[(hard == 0) & (soft > 0)]
@@ -128,7 +132,7 @@ def test_latent_mask_any_pixel_rule_and_feathering():
     assert soft[0, 0, 8, :4].tolist() == pytest.approx([0, 0, 1 / 3, 2 / 3])  # ... a linear ramp
     assert soft[0, 0, 1, 1] == 0 and soft[0, 0, 2, 2] == pytest.approx(1 / 3)  # chessboard distance
     with pytest.raises(ValueError, match="multiple of the VAE factor"):
-        inpaint.latent_mask(torch.zeros(1, 1, 7, 8), 2)
+        inpainting.latent_mask(torch.zeros(1, 1, 7, 8), 2)
 
 
 def test_forward_jump_gives_the_marginal():
@@ -136,28 +140,28 @@ def test_forward_jump_gives_the_marginal():
     g = torch.Generator().manual_seed(0)
     x0, s_from, s_to = 0.7, 0.3, 0.8
     x = flow.add_noise(torch.full((200_000,), x0), torch.randn(200_000, generator=g), s_from)
-    y = inpaint.forward_jump(x, s_from, s_to, torch.randn(200_000, generator=g))
+    y = inpainting.forward_jump(x, s_from, s_to, torch.randn(200_000, generator=g))
     assert abs(y.mean().item() - (1 - s_to) * x0) < 0.01 and abs(y.std().item() - s_to) < 0.01
-    torch.testing.assert_close(inpaint.forward_jump(x, s_from, 1.0, x), x)  # s = 1: the noise
+    torch.testing.assert_close(inpainting.forward_jump(x, s_from, 1.0, x), x)  # s = 1: the noise
 
 
 def test_object_mask_is_the_objects_box():
     caption = "a red circle to the left of a blue square on a yellow background"
     img = shapes.render(caption, 64, 64, 3)
     for index, colour in enumerate(["red", "blue"]):
-        mask = inpaint.object_mask(caption, 64, 64, 3, index)[0] > 0   # [H, W]
+        mask = inpainting.object_mask(caption, 64, 64, 3, index)[0] > 0   # [H, W]
         rgb = torch.tensor(shapes.PALETTE[colour]).float().view(3, 1, 1) / 127.5 - 1
         drawn = (img - rgb).abs().sum(0) < 1e-3                       # the object's pixels
         assert drawn.any() and not (drawn & ~mask).any()
         ys, xs = mask.nonzero().T
         assert mask.sum() == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # a box
     with pytest.raises(ValueError, match="out of range"):
-        inpaint.object_mask(caption, 64, 64, 3, 2)
+        inpainting.object_mask(caption, 64, 64, 3, 2)
 
 
 def test_cli_writes_results_and_strip(ckpt, tmp_path, capsys):
     img, mask = image(), MASKS["box"]
-    sample.save_png(img, tmp_path / "in.png")
+    images.save_png(img, tmp_path / "in.png")
     Image.fromarray((mask[0].numpy() * 200).astype(np.uint8)).convert("RGBA").save(tmp_path / "m.png")
     out = tmp_path / "out"
     inpaint.main(["--ckpt", ckpt, "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"),
@@ -169,16 +173,16 @@ def test_cli_writes_results_and_strip(ckpt, tmp_path, capsys):
     keep = mask[0].numpy() == 0
     assert (got[keep] == given[keep]).all() and (got[~keep] != given[~keep]).any()
     assert (got == read_png(out / "000.png")).all()
-    want = inpaint.inpaint(sample.load_pipeline(ckpt), img, mask, [PROMPTS[2]], seed=7)[0]
-    assert np.abs(read_png(out / "001.png") - np.asarray(sample.to_pil(want)).astype(int)).max() <= 1
+    want = inpainting.inpaint(pipeline.load_pipeline(ckpt), img, mask, [PROMPTS[2]], seed=7)[0]
+    assert np.abs(read_png(out / "001.png") - np.asarray(images.to_pil(want)).astype(int)).max() <= 1
     assert Image.open(out / "strip.png").size == (2 + 3 * 26, 2 + 2 * 18)  # 2 rows: in | mask | out
 
 
 def test_bad_inputs_are_one_line_errors(ckpt, tmp_path, capsys):
-    sample.save_png(image(), tmp_path / "in.png")
-    sample.save_png(image(24, 18), tmp_path / "odd.png")
-    sample.save_png(torch.ones(3, 16, 16), tmp_path / "small_mask.png")
-    sample.save_png(torch.ones(3, 18, 24), tmp_path / "odd_mask.png")
+    images.save_png(image(), tmp_path / "in.png")
+    images.save_png(image(24, 18), tmp_path / "odd.png")
+    images.save_png(torch.ones(3, 16, 16), tmp_path / "small_mask.png")
+    images.save_png(torch.ones(3, 18, 24), tmp_path / "odd_mask.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")
     base = ["--ckpt", ckpt, "--prompt", PROMPTS[0], "--out", str(tmp_path / "o"), "--quiet"]
     expect_error(capsys, base + ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "small_mask.png")],
@@ -200,11 +204,11 @@ def test_shipped_teacher_repaints_an_object():
     inside the box, everything else is untouched (4 layouts, ~2 s on one thread)."""
     old = "a red circle to the left of a blue square on a yellow background"
     new = "a red circle to the left of a green triangle on a yellow background"
-    pipe = sample.load_pipeline(TEACHER)
+    pipe = pipeline.load_pipeline(TEACHER)
     green = torch.tensor(shapes.PALETTE["green"]).float().view(3, 1, 1) / 127.5 - 1
     for seed in range(4):
-        img, mask = shapes.render(old, 64, 64, seed), inpaint.object_mask(old, 64, 64, seed, 1)
-        out = inpaint.inpaint(pipe, img, mask, [new], steps=10, resample=1, seed=seed)[0]
+        img, mask = shapes.render(old, 64, 64, seed), inpainting.object_mask(old, 64, 64, seed, 1)
+        out = inpainting.inpaint(pipe, img, mask, [new], steps=10, resample=1, seed=seed)[0]
         judged = shapes.judge(out, new)
         assert judged["colors"] and judged["background"], (seed, judged)
         inside = (out - green).abs().sum(0) < 0.3                  # near-green pixels [H, W]
@@ -219,17 +223,17 @@ def test_shipped_teacher_repaints_an_object():
 def inpainter(tmp_path_factory):
     path = make_inpainting_checkpoint(str(tmp_path_factory.mktemp("inpainter")),
                                       {"steps": 3, "cfg": 3.0, "shift": 1.0, "sampler": "euler"})
-    return sample.load_pipeline(path)
+    return pipeline.load_pipeline(path)
 
 
 def test_channel_layout_of_the_inpainting_model(inpainter):
     z = inpainter.vae.config.z_channels
-    assert inpaint.is_inpainting_model(inpainter.model) and inpainter.model.config.in_channels == 2 * z + 1
+    assert inpainting.is_inpainting_model(inpainter.model) and inpainter.model.config.in_channels == 2 * z + 1
     z0, m = torch.randn(2, z, 4, 6), (torch.rand(2, 1, 4, 6) < 0.5).float()
-    extra = inpaint.known_channels(z0, m)                                # [B, 1 + z, h, w]
+    extra = inpainting.known_channels(z0, m)                                # [B, 1 + z, h, w]
     assert torch.equal(extra[:, :1], m) and torch.equal(extra[:, 1:], z0 * (1 - m))
     seen = []
-    run = inpaint.conditioned(lambda x, *a: seen.append(x) or x[:, :z], extra)
+    run = inpainting.conditioned(lambda x, *a: seen.append(x) or x[:, :z], extra)
     run(torch.zeros(4, z, 4, 6), None, None, None)                       # a guided pass: 2B
     assert torch.equal(seen[0][:, z:], torch.cat([extra, extra]))        # [x | mask | known]
 
@@ -248,24 +252,24 @@ def test_widened_model_starts_as_the_text_to_image_model(pipe):
 
 def test_inpainting_model_reads_the_known_region_and_composites_exactly(inpainter):
     img, mask = image(), MASKS["box"]
-    out = inpaint.inpaint(inpainter, img, mask, [PROMPTS[0]], steps=2)[0]
+    out = inpainting.inpaint(inpainter, img, mask, [PROMPTS[0]], steps=2)[0]
     keep = mask.expand(3, -1, -1) == 0
     assert torch.equal(out[keep], img[keep]) and not torch.equal(out, img)
     other = img.clone()
     other[:, 12:, 16:] = -img[:, 12:, 16:]      # change the known region only (outside the box)
-    out2 = inpaint.inpaint(inpainter, other, mask, [PROMPTS[0]], steps=2)[0]
+    out2 = inpainting.inpaint(inpainter, other, mask, [PROMPTS[0]], steps=2)[0]
     assert not torch.equal(out2[~keep], out[~keep])  # the repainted pixels depend on it
     with pytest.raises(ValueError, match="inpainting model"):
-        inpaint.inpaint(inpainter, img, mask, [PROMPTS[0]], resample=1)
+        inpainting.inpaint(inpainter, img, mask, [PROMPTS[0]], resample=1)
     with pytest.raises(ValueError, match="inpaint.py"):
-        sample.generate(inpainter, [PROMPTS[0]], 24, 16)
+        pipeline.generate(inpainter, [PROMPTS[0]], 24, 16)
 
 
 def test_random_training_masks_are_boxes_inside_the_image():
     rng = np.random.default_rng(0)
     for i in range(40):
         img = shapes.render(shapes.random_caption(np.random.default_rng(i)), 64, 64, rng=i)
-        m = inpaint.random_mask(img, rng)[0]                              # [H, W]
+        m = inpainting.random_mask(img, rng)[0]                              # [H, W]
         ys, xs = torch.nonzero(m, as_tuple=True)
         assert len(ys) and set(m.unique().tolist()) <= {0.0, 1.0}
         assert m[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()     # one filled box
@@ -273,7 +277,7 @@ def test_random_training_masks_are_boxes_inside_the_image():
 
 def test_edit_tasks_change_one_object_inside_its_box():
     for i in range(20):
-        img, mask, new = inpaint.edit_task(np.random.default_rng([7, i]), 96, 48)
+        img, mask, new = inpainting.edit_task(np.random.default_rng([7, i]), 96, 48)
         after = shapes.parse_caption(new)
         assert img.shape == (3, 48, 96) and mask.shape == (1, 48, 96) and mask.sum() > 0
         # what is outside the box is the old scene: it must not show the new object's colour
@@ -285,7 +289,7 @@ def test_edit_tasks_change_one_object_inside_its_box():
 
 
 def test_edit_evaluation_and_its_cli(inpainter, ckpt, tmp_path, capsys):
-    scores = inpaint.evaluate_edits(inpainter, n=3, steps=2)
+    scores = metrics.judge_edits(inpainter, n=3, steps=2)
     assert scores["kept"] == 1.0 and 0 <= scores["all_correct"] <= 1
     inpaint.main(["--ckpt", ckpt, "--eval", "2", "--steps", "2", "--out", str(tmp_path / "e"), "--quiet"])
     assert '"kept": 1.0' in capsys.readouterr().out and (tmp_path / "e" / "edits.json").is_file()

@@ -83,12 +83,15 @@ def test_forward_shapes_non_square_and_features():
     cfg = CONFIGS["test"]
     model = randomize(MMDiT(cfg))
     x, t, ctx, y = inputs(cfg, H=6, W=10)
-    v, feats = model(x, t, ctx, y, return_features=True)
+    v, feats = model(x, t, ctx, y), model.features(x, t, ctx, y)
     assert v.shape == x.shape
     assert len(feats) == cfg.depth and all(f.shape == (2, cfg.hidden_size, 3, 5) for f in feats)
-    assert torch.allclose(model(x, t, ctx, y), v)
-    # a subset of blocks, and the features-only path that stops early, agree with the full pass
-    sub = model.features(x, t, ctx, y, blocks=[0, 1])
+    # the last block's map is what the final layer reads: features and forward run the same blocks
+    tok = feats[-1].flatten(2).transpose(1, 2)                                 # [B, N, D]
+    c = model.embed(x, t, ctx, y)[1]
+    assert torch.allclose(model.unpatchify(model.final_layer(tok, c), 3, 5), v, atol=1e-6)
+    # a subset of blocks, in any order, stops early and agrees with the full pass
+    sub = model.features(x, t, ctx, y, blocks=[1, 0])
     assert len(sub) == 2 and all(torch.allclose(a, b) for a, b in zip(sub, feats[:2]))
     # the feature map is the image-token sequence reshaped row-major
     assert feats[0][0, :, 1, 2].shape == (cfg.hidden_size,)

@@ -14,6 +14,9 @@ import shapes
 import weights
 
 from conftest import expect_one_line_error, read_png, PROMPTS, make_checkpoint
+import cli
+import images
+import pipeline
 
 ONE_THREAD = True
 P = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt", PROMPTS[2]]
@@ -87,33 +90,33 @@ def test_seed_gives_same_image_whatever_the_batch_size(teacher, tmp_path, sample
 
 
 def test_generate_is_batch_independent_and_in_range(teacher):
-    pipe = sample.load_pipeline(teacher)
+    pipe = pipeline.load_pipeline(teacher)
     assert not pipe.model.training and not any(p.requires_grad for p in pipe.model.parameters())
     assert pipe.sizes == [(16, 16), (24, 16)] and pipe.granularity == 4
-    a = sample.generate(pipe, PROMPTS, 16, 16, seed=3, batch_size=1, progress=False)
-    b = sample.generate(pipe, PROMPTS[:2], 16, 16, seed=3, batch_size=2, progress=False)
+    a = pipeline.generate(pipe, PROMPTS, 16, 16, seed=3, batch_size=1, progress=False)
+    b = pipeline.generate(pipe, PROMPTS[:2], 16, 16, seed=3, batch_size=2, progress=False)
     assert a.shape == (3, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
     torch.testing.assert_close(a[:2], b, atol=1e-5, rtol=0)
 
 
 def test_img2img_strength_zero_is_the_vae_round_trip(teacher, tmp_path):
-    pipe = sample.load_pipeline(teacher)
+    pipe = pipeline.load_pipeline(teacher)
     image = shapes.render(PROMPTS[0], 16, 16, rng=0)
-    sample.save_png(image, tmp_path / "in.png")
-    loaded = sample.load_image(tmp_path / "in.png")
+    images.save_png(image, tmp_path / "in.png")
+    loaded = images.load_image(tmp_path / "in.png")
     torch.testing.assert_close(loaded, image, atol=1 / 127.5, rtol=0)  # PNG keeps 8 bits
 
     with torch.no_grad():
         round_trip = pipe.vae.decode(pipe.vae.encode(loaded[None]))[0]
-    got = sample.generate(pipe, [PROMPTS[1]], 16, 16, init_image=loaded, strength=0.0, progress=False)
+    got = pipeline.generate(pipe, [PROMPTS[1]], 16, 16, init_image=loaded, strength=0.0, progress=False)
     torch.testing.assert_close(got[0], round_trip, atol=1e-5, rtol=0)
-    moved = sample.generate(pipe, [PROMPTS[1]], 16, 16, init_image=loaded, strength=0.7, progress=False)
+    moved = pipeline.generate(pipe, [PROMPTS[1]], 16, 16, init_image=loaded, strength=0.7, progress=False)
     assert (moved[0] - round_trip).abs().max() > 1e-3
 
     out = tmp_path / "out"
     main(["--ckpt", teacher, "--prompt", PROMPTS[1], "--init-image", str(tmp_path / "in.png"),
                  "--strength", "0", "--out", str(out), "--quiet"])
-    expected = np.asarray(sample.to_pil(round_trip)).astype(int)
+    expected = np.asarray(images.to_pil(round_trip)).astype(int)
     assert np.abs(read_png(out / "000.png") - expected).max() <= 1
 
 
@@ -123,8 +126,8 @@ def test_trajectory_has_a_row_per_sample_and_a_column_per_step(teacher, tmp_path
                  "--width", "24", "--height", "16", "--trajectory", "--out", str(out), "--quiet"])
     # 2 rows of 4 images of 24x16, 2 px padding around each
     assert Image.open(out / "trajectory.png").size == (2 + 4 * 26, 2 + 2 * 18)
-    pipe = sample.load_pipeline(teacher)
-    images, frames = sample.generate(pipe, PROMPTS[:2], 16, 16, steps=4, progress=False, trajectory=True)
+    pipe = pipeline.load_pipeline(teacher)
+    images, frames = pipeline.generate(pipe, PROMPTS[:2], 16, 16, steps=4, progress=False, trajectory=True)
     assert len(frames) == 4 and all(f.shape == images.shape for f in frames)
     torch.testing.assert_close(frames[-1], images)  # the last x0 estimate is the result (euler)
 
@@ -158,18 +161,18 @@ def test_student_times_are_the_default_schedule(student, tmp_path, monkeypatch):
 
 
 def test_teacher_steps_shift_and_cfg_override(teacher):
-    pipe = sample.load_pipeline(teacher)
-    s = sample.sampling_settings(pipe)
+    pipe = pipeline.load_pipeline(teacher)
+    s = pipeline.sampling_settings(pipe)
     assert s["sigmas"] == pytest.approx([1.0, 0.5005, 0.001, 0.0])
     assert s["cfg"] == 3.0 and s["sampler"] == "euler"
-    s = sample.sampling_settings(pipe, steps=4, shift=3.0, cfg=1.0, sampler="renoise")
+    s = pipeline.sampling_settings(pipe, steps=4, shift=3.0, cfg=1.0, sampler="renoise")
     assert s["sigmas"] == pytest.approx([1.0, 0.85769, 0.60215, 0.00893, 0.0], abs=1e-5)
     assert s["cfg"] == 1.0 and s["sampler"] == "renoise"
 
 
 def test_cond_file_replaces_the_text_encoder(teacher, tmp_path):
-    pipe = sample.load_pipeline(teacher)
-    enc = sample.encode(pipe, PROMPTS[:2])
+    pipe = pipeline.load_pipeline(teacher)
+    enc = pipeline.encode(pipe, PROMPTS[:2])
     cond = tmp_path / "cond.safetensors"
     weights.save_file({"context": enc.context, "pooled": enc.pooled, "uncond_context": enc.uncond_context,
                        "uncond_pooled": enc.uncond_pooled}, cond)
@@ -221,46 +224,46 @@ def test_bad_inputs_are_one_line_errors(teacher, tmp_path, capsys):
 
 def test_image_helpers(tmp_path):
     img = torch.linspace(-1, 1, 3 * 8 * 12).view(3, 8, 12)
-    pil = sample.to_pil(img)
+    pil = images.to_pil(img)
     assert pil.size == (12, 8) and pil.getpixel((0, 0)) == (0, 85, 171)  # -1, -1/3, 1/3
-    assert sample.to_pil(torch.ones(3, 2, 2)).getpixel((1, 1)) == (255, 255, 255)
-    sample.save_png(img, tmp_path / "a.png")
-    torch.testing.assert_close(sample.load_image(tmp_path / "a.png"), img, atol=1 / 127.5, rtol=0)
-    assert sample.load_image(tmp_path / "a.png", 24, 16).shape == (3, 16, 24)
-    assert sample.load_image(tmp_path / "a.png", width=6).shape == (3, 4, 6)  # keeps the aspect
-    sample.save_grid([img, torch.zeros(3, 4, 4), img], tmp_path / "g.png", nrow=3, pad=1)  # mixed sizes
+    assert images.to_pil(torch.ones(3, 2, 2)).getpixel((1, 1)) == (255, 255, 255)
+    images.save_png(img, tmp_path / "a.png")
+    torch.testing.assert_close(images.load_image(tmp_path / "a.png"), img, atol=1 / 127.5, rtol=0)
+    assert images.load_image(tmp_path / "a.png", 24, 16).shape == (3, 16, 24)
+    assert images.load_image(tmp_path / "a.png", width=6).shape == (3, 4, 6)  # keeps the aspect
+    images.save_grid([img, torch.zeros(3, 4, 4), img], tmp_path / "g.png", nrow=3, pad=1)  # mixed sizes
     assert Image.open(tmp_path / "g.png").size == (1 + 3 * 13, 1 + 9)
-    sample.save_strip([[img, img], [img]], tmp_path / "s.png", labels=["first", "second"])
+    images.save_strip([[img, img], [img]], tmp_path / "s.png", labels=["first", "second"])
     w, h = Image.open(tmp_path / "s.png").size
     assert h == 2 + 2 * 10 and w > 2 + 2 * 14  # room for the labels
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
     with pytest.raises(ValueError, match="one image"):
-        sample.to_pil(img[None])
+        images.to_pil(img[None])
 
 
 def test_device_and_dtype_choice():
-    assert sample.pick_dtype("auto", "cpu") == torch.float32
-    assert sample.pick_dtype("auto", "cuda") == torch.bfloat16
-    assert sample.pick_device("cpu").type == "cpu"
-    assert sample.pick_device("auto").type in ("cuda", "mps", "cpu")
+    assert cli.pick_dtype("auto", "cpu") == torch.float32
+    assert cli.pick_dtype("auto", "cuda") == torch.bfloat16
+    assert cli.pick_device("cpu").type == "cpu"
+    assert cli.pick_device("auto").type in ("cuda", "mps", "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            sample.pick_device("cuda")
+            cli.pick_device("cuda")
     with pytest.raises(ValueError, match="not a device"):
-        sample.pick_device("tpu9")
+        cli.pick_device("tpu9")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_matches_cpu(teacher, tmp_path):
-    cpu = sample.load_pipeline(teacher)
-    gpu = sample.load_pipeline(teacher, sample.pick_device("auto"), sample.pick_dtype("auto", "cuda"))
+    cpu = pipeline.load_pipeline(teacher)
+    gpu = pipeline.load_pipeline(teacher, cli.pick_device("auto"), cli.pick_dtype("auto", "cuda"))
     assert gpu.device.type == "cuda" and gpu.dtype == torch.bfloat16
-    a = sample.generate(cpu, PROMPTS, 24, 16, seed=5, progress=False)
-    b = sample.generate(gpu, PROMPTS, 24, 16, seed=5, batch_size=2, sampler="renoise", progress=False)
-    c = sample.generate(gpu, PROMPTS, 24, 16, seed=5, batch_size=3, sampler="renoise", progress=False)
+    a = pipeline.generate(cpu, PROMPTS, 24, 16, seed=5, progress=False)
+    b = pipeline.generate(gpu, PROMPTS, 24, 16, seed=5, batch_size=2, sampler="renoise", progress=False)
+    c = pipeline.generate(gpu, PROMPTS, 24, 16, seed=5, batch_size=3, sampler="renoise", progress=False)
     assert b.device.type == "cpu" and b.dtype == torch.float32
     torch.testing.assert_close(b, c, atol=0.02, rtol=0)  # bf16 kernels may differ per batch size
-    d = sample.generate(gpu, PROMPTS, 24, 16, seed=5, progress=False)
+    d = pipeline.generate(gpu, PROMPTS, 24, 16, seed=5, progress=False)
     assert (a - d).abs().mean() < 0.05  # same noise, same model, bf16 vs fp32
     main(["--ckpt", teacher, *P, "--device", "auto", "--trajectory", "--out", str(tmp_path / "o"),
           "--quiet"])

@@ -1,7 +1,7 @@
-"""Tests for text_encoders.py: SD3 key layout, memory-mapped loading, numerics against an
-independent float64 reference (and transformers when installed), both tokenizers (against
-transformers / sentencepiece when installed), conditioning assembly, the precompute CLI and
-sample.py from a prompt to a PNG on a tiny SD3-layout file."""
+"""Tests for text_encoders.py and text_tokenizers.py: SD3 key layout, memory-mapped loading,
+numerics against an independent float64 reference (and transformers when installed), both
+tokenizers (against transformers / sentencepiece when installed), conditioning assembly, the
+precompute CLI and sample.py from a prompt to a PNG on a tiny SD3-layout file."""
 import json
 import math
 import os
@@ -22,8 +22,10 @@ import text_encoders as te
 import vae as vae_lib
 import weights
 from text_encoders import CONFIGS, CLIPTextEncoder, SD3TextEncoder, T5Encoder
+from text_tokenizers import CLIP_MERGES_ASSET, CharsMap, CLIPTokenizer, T5Tokenizer
 
 from conftest import expect_one_line_error, read_png
+import pipeline
 
 ONE_THREAD = True
 MANIFESTS = Path(__file__).parent / "manifests"
@@ -84,7 +86,7 @@ def t5_json(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_tok():
-    return te.CLIPTokenizer.from_files()
+    return CLIPTokenizer.from_files()
 
 
 @pytest.fixture(scope="module")
@@ -249,19 +251,19 @@ def test_missing_vocabularies_are_clear_errors(tmp_path, tiny):
                                                 r".*--no-t5"):
         enc.encode(["a cat"])
     with pytest.raises(FileNotFoundError, match=r"missing\.model: no such file.*--t5-vocab"):
-        te.T5Tokenizer.from_files(tmp_path / "missing.model")
+        T5Tokenizer.from_files(tmp_path / "missing.model")
     with pytest.raises(FileNotFoundError, match="no spiece.model or tokenizer.json"):
-        te.T5Tokenizer.from_files(tmp_path)
+        T5Tokenizer.from_files(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"merges\.txt: no such file.*tokenizer/ folder"):
-        te.CLIPTokenizer.from_files(tmp_path)
+        CLIPTokenizer.from_files(tmp_path)
     bpe = tmp_path / "bpe.json"
     bpe.write_text(json.dumps({"model": {"type": "BPE", "vocab": {}}}))
     with pytest.raises(ValueError, match="not Unigram"):
-        te.T5Tokenizer.from_files(bpe)
+        T5Tokenizer.from_files(bpe)
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"\xff\xff\xff")
     with pytest.raises(ValueError, match="not a T5 SentencePiece unigram vocabulary"):
-        te.T5Tokenizer.from_files(garbage)
+        T5Tokenizer.from_files(garbage)
     # a vocabulary larger than the model's embedding is caught before indexing
     big = SD3TextEncoder(tiny.encoders["clip_l"], tiny.encoders["clip_g"], tiny.encoders["t5xxl"],
                          tiny.clip_tokenizer, write_t5_json(tmp_path / "big.json", T5_PIECES + [
@@ -490,7 +492,7 @@ def test_clip_tokenizer_equals_transformers_on_thousands_of_prompts(tmp_path, cl
     tokenizer padded with 0 (the reference's SDXLClipGTokenizer)."""
     transformers = pytest.importorskip("transformers")
     import gzip
-    with gzip.open(te.CLIP_MERGES_ASSET, "rt", encoding="utf-8") as f:
+    with gzip.open(CLIP_MERGES_ASSET, "rt", encoding="utf-8") as f:
         merges = [line for line in f.read().split("\n")[1:] if line]
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # vocab.json as HF built it
     symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
@@ -499,7 +501,7 @@ def test_clip_tokenizer_equals_transformers_on_thousands_of_prompts(tmp_path, cl
     (tmp_path / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(symbols)}))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     ref = transformers.CLIPTokenizer(vocab=str(tmp_path / "vocab.json"), merges=str(tmp_path / "merges.txt"))
-    ours_from_files = te.CLIPTokenizer.from_files(tmp_path)
+    ours_from_files = CLIPTokenizer.from_files(tmp_path)
     report = {}
     for kind, prompts in [("ascii", ascii_prompts(3000)), ("non-ascii", non_ascii_prompts(400))]:
         want = ref(prompts, padding="max_length", max_length=77, truncation=True,
@@ -516,7 +518,7 @@ def test_clip_tokenizer_equals_transformers_on_thousands_of_prompts(tmp_path, cl
 
 
 def test_t5_unigram_tokenizer_on_a_hand_made_vocabulary(t5_json):
-    tok = te.T5Tokenizer.from_files(t5_json)
+    tok = T5Tokenizer.from_files(t5_json)
     ids = {p: i for i, (p, _) in enumerate(T5_PIECES)}
     assert tok.tokens("a red circle") == [ids["▁a"], ids["▁red"], ids["▁circle"]]
     # the most probable segmentation, not the longest first piece: ▁ca + ts (-4) beats ▁cat + s (-7)
@@ -563,10 +565,10 @@ def test_spiece_model_and_precompiled_charsmap(tmp_path, t5_json):
     units[7] = 1 << 31 | 2                               # leaf: 'AB' -> strings[2:] = "x"
     trie = b"".join(u.to_bytes(4, "little") for u in units)
     charsmap = len(trie).to_bytes(4, "little") + trie + b"a\0x\0"
-    assert te.CharsMap(charsmap).normalize("ABAC Ä") == "xaC Ä"
+    assert CharsMap(charsmap).normalize("ABAC Ä") == "xaC Ä"
     path = tmp_path / "spiece.model"
     path.write_bytes(spiece_bytes(T5_PIECES, charsmap=charsmap))
-    sp, js = te.T5Tokenizer.from_files(tmp_path), te.T5Tokenizer.from_files(t5_json)
+    sp, js = T5Tokenizer.from_files(tmp_path), T5Tokenizer.from_files(t5_json)
     assert sp.source == str(path)                         # a folder: spiece.model first
     assert [(p, round(s, 6)) for p, (_, s) in sp.pieces.items()] == [(p, s) for p, s in T5_PIECES]
     assert sp.specials["<extra_id_0>"] == len(T5_PIECES) + 99  # T5's sentinels follow the pieces
@@ -590,8 +592,8 @@ def test_t5_tokenizer_equals_transformers_and_sentencepiece(tmp_path):
     ref = transformers.T5Tokenizer.from_pretrained(str(tmp_path))
     ref.save_pretrained(str(tmp_path / "hf"))
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "spiece.model"))
-    ours = te.T5Tokenizer.from_files(tmp_path / "spiece.model")
-    ours_json = te.T5Tokenizer.from_files(tmp_path / "hf" / "tokenizer.json")
+    ours = T5Tokenizer.from_files(tmp_path / "spiece.model")
+    ours_json = T5Tokenizer.from_files(tmp_path / "hf" / "tokenizer.json")
     assert ours.charsmap is not None and ours.charsmap.normalize("ｆｕｌｌ") == "full"
     report = {}
     for kind, prompts in [("ascii", ascii_prompts(3000)), ("non-ascii", non_ascii_prompts(400))]:
@@ -712,7 +714,7 @@ def test_precompute_cli_writes_shards_sample_reads(sd3_ckpt, tiny, tmp_path, cap
     context, pooled = tiny.encode(given + [""])
     assert torch.allclose(tensors["context"], context[:-1], atol=1e-6)
     assert torch.allclose(tensors["pooled"], pooled[:-1], atol=1e-6)
-    cond = sample.load_cond(out / "cond-00001.safetensors")
+    cond = pipeline.load_cond(out / "cond-00001.safetensors")
     assert cond.context.shape == (2, 154, 48) and cond.uncond_pooled.shape == (1, 32)
     assert torch.allclose(cond.uncond_context, context[-1:], atol=1e-6)
     assert json.loads(weights.load_metadata(out / "cond-00001.safetensors")["prompts"]) == given[2:]
@@ -751,7 +753,7 @@ def test_sample_py_from_a_prompt_to_a_png(sd3_ckpt, tmp_path, capsys):
                  "--quiet"])
     image = read_png(a / "000.png")
     assert image.shape == (16, 16, 3) and image.std() > 0
-    pipe = sample.load_pipeline(sd3_ckpt)
+    pipe = pipeline.load_pipeline(sd3_ckpt)
     assert isinstance(pipe.text_encoder, SD3TextEncoder) and pipe.text_encoder.encoders["t5xxl"] is not None
     te.main(["--ckpt", sd3_ckpt, "--prompts", "a red circle", "--out", str(tmp_path / "cond"),
              "--device", "cpu", "--save-dtype", "fp32", "--quiet"])
@@ -780,9 +782,9 @@ def test_sample_py_takes_encoders_from_the_file_its_metadata_names(sd3_ckpt, tmp
                                        "t5_vocab": "vocab/t5.json"})
     ckpt = tmp_path / "mmdit.safetensors"
     weights.save_file({k: v for k, v in state.items() if not k.startswith("text_encoders.")}, ckpt, meta)
-    pipe = sample.load_pipeline(ckpt)
-    want = sample.encode(sample.load_pipeline(sd3_ckpt), ["a red circle"])
-    got = sample.encode(pipe, ["a red circle"])
+    pipe = pipeline.load_pipeline(ckpt)
+    want = pipeline.encode(pipeline.load_pipeline(sd3_ckpt), ["a red circle"])
+    got = pipeline.encode(pipe, ["a red circle"])
     assert torch.equal(got.context, want.context) and torch.equal(got.uncond_pooled, want.uncond_pooled)
     os.remove(tmp_path / "encoders.safetensors")
     expect_one_line_error(sample.main, capsys, ["--ckpt", str(ckpt), "--prompt", "x", "--out",

@@ -10,7 +10,9 @@ import train_ladd
 import weights
 from conftest import expect_one_line_error, make_checkpoint
 from discriminator import Discriminator, hinge_d_loss
-from sample import load_pipeline
+from pipeline import load_pipeline
+import ladd_data
+import training
 
 ONE_THREAD = True
 TEACHER_SAMPLER = {"steps": 2, "cfg": 2.0, "shift": 1.0, "sampler": "euler"}
@@ -49,7 +51,7 @@ def batch(teacher, B=3, H=8, W=12, seed=0):
     t = torch.tensor([1.0, 0.5, 0.25])[:B]
     t_hat = flow.sample_t_logit_normal(B, 1.0, 1.0, g)
     noise = {k: torch.randn(x0.shape, generator=g) for k in ("eps", "eps_fake", "eps_real")}
-    return (x0, context, pooled, t, t_hat), noise
+    return train_ladd.Batch(x0, context, pooled, t, t_hat, **noise)
 
 
 def snapshot(module):
@@ -66,10 +68,9 @@ def opt(module):
 
 def test_generator_step_updates_the_student_only(teacher):
     teacher_m, student, disc = models(teacher)
-    b, noise = batch(teacher_m)
+    b = batch(teacher_m)
     before = [snapshot(m) for m in (teacher_m, student, disc)]
-    fake_features, stats = train_ladd.generator_step(student, teacher_m, disc, opt(student), b,
-                                                     noise, torch.float32, 1.0)
+    fake_features, stats = train_ladd.generator_step(student, teacher_m, disc, opt(student), b)
     assert changed(before[1], student)                  # the student moved
     assert not changed(before[0], teacher_m)            # the teacher did not
     assert not changed(before[2], disc)                 # nor the heads (not its optimizer)
@@ -80,12 +81,11 @@ def test_generator_step_updates_the_student_only(teacher):
 
 def test_discriminator_step_updates_the_heads_only(teacher):
     teacher_m, student, disc = models(teacher)
-    b, noise = batch(teacher_m)
+    b = batch(teacher_m)
     before = [snapshot(m) for m in (teacher_m, student, disc)]
-    fake = flow.add_noise(b[0] + 0.5 * torch.randn_like(b[0]), noise["eps_fake"], b[4])
-    fake_features = teacher_m.features(fake, b[4], b[1], b[2], disc.blocks)
-    stats = train_ladd.discriminator_step(teacher_m, disc, opt(disc), b, fake_features, noise,
-                                          torch.float32, 1.0)
+    fake = flow.add_noise(b.x0 + 0.5 * torch.randn_like(b.x0), b.eps_fake, b.t_hat)
+    fake_features = teacher_m.features(fake, b.t_hat, b.context, b.pooled, disc.blocks)
+    stats = train_ladd.discriminator_step(teacher_m, disc, opt(disc), b, fake_features)
     assert set(changed(before[2], disc)) == set(before[2])  # every head parameter moved
     assert not changed(before[0], teacher_m) and not changed(before[1], student)
     assert stats["d_skipped"] == 0 and stats["d_loss"] > 0
@@ -95,12 +95,12 @@ def test_generator_gradient_flows_through_the_frozen_teacher(teacher):
     """The student's gradient exists, the teacher collects none, and it depends on the teacher's
     weights: change the teacher and the student's gradient changes."""
     def student_grad(teacher_m, student, disc):
-        b, noise = batch(teacher_m)
+        b = batch(teacher_m)
         student.zero_grad()
-        x0, context, pooled, t, t_hat = b
-        x0_hat = flow.x0_from_v(flow.add_noise(x0, noise["eps"], t),
-                                student(flow.add_noise(x0, noise["eps"], t), t, context, pooled), t)
-        fake = flow.add_noise(x0_hat, noise["eps_fake"], t_hat)
+        x0, context, pooled, t, t_hat = b.x0, b.context, b.pooled, b.t, b.t_hat
+        x0_hat = flow.x0_from_v(flow.add_noise(x0, b.eps, t),
+                                student(flow.add_noise(x0, b.eps, t), t, context, pooled), t)
+        fake = flow.add_noise(x0_hat, b.eps_fake, t_hat)
         feats = teacher_m.features(fake, t_hat, context, pooled, disc.blocks)
         (-sum(l.mean() for l in disc(feats, t_hat, pooled))).backward()
         assert all(p.grad is None for p in teacher_m.parameters())
@@ -117,7 +117,8 @@ def test_generator_gradient_flows_through_the_frozen_teacher(teacher):
 
 def test_heads_judge_non_square_token_maps_of_every_block(teacher):
     teacher_m, _, disc = models(teacher)
-    (x0, context, pooled, _, t_hat), _ = batch(teacher_m, H=8, W=12)
+    b = batch(teacher_m, H=8, W=12)
+    x0, context, pooled, t_hat = b.x0, b.context, b.pooled, b.t_hat
     feats = teacher_m.features(x0, t_hat, context, pooled, disc.blocks)
     assert [f.shape[-2:] for f in feats] == [(4, 6)] * teacher_m.config.depth
     logits = disc(feats, t_hat, pooled)
@@ -195,7 +196,7 @@ def test_the_synthetic_data_cache_is_reused(teacher, tmp_path, capsys, monkeypat
 
 
 def test_a_non_finite_step_is_skipped_and_never_saved(teacher, tmp_path, monkeypatch):
-    real = train_ladd.sample_batch
+    real = ladd_data.sample_batch
 
     def poisoned(*args):
         x0, context, pooled = real(*args)
@@ -287,11 +288,11 @@ def test_real_data_are_rendered_captions_through_the_vae(teacher, tmp_path):
 
 def test_memory_report_estimates_what_is_held(teacher):
     teacher_m, student, disc = models(teacher)
-    b, noise = batch(teacher_m)
+    b = batch(teacher_m)
     opt_g, opt_d = opt(student), opt(disc)
-    fake, _ = train_ladd.generator_step(student, teacher_m, disc, opt_g, b, noise, torch.float32, 1.0)
-    train_ladd.discriminator_step(teacher_m, disc, opt_d, b, fake, noise, torch.float32, 1.0)
-    rows, text = train_ladd.memory_report(teacher_m, student, student, disc, opt_g, opt_d,
+    fake, _ = train_ladd.generator_step(student, teacher_m, disc, opt_g, b)
+    train_ladd.discriminator_step(teacher_m, disc, opt_d, b, fake)
+    rows, text = training.memory_report(teacher_m, student, student, disc, opt_g, opt_d,
                                           torch.device("cpu"))
     held = {name: (est, real) for name, est, real in rows}
     assert held["student AdamW moments"][1] == 8 * mmdit.count_params(student) > 0
@@ -307,9 +308,9 @@ def test_adamw_with_fp32_state_equals_torch_and_bf16_state_halves_it():
     start = torch.randn(50, 40)
     runs = {}
     for name, make in {"torch": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
-                       "fp32": lambda p: train_ladd.AdamW(p, lr=1e-2, weight_decay=0.1,
+                       "fp32": lambda p: training.AdamW(p, lr=1e-2, weight_decay=0.1,
                                                           state_dtype="fp32"),
-                       "bf16": lambda p: train_ladd.AdamW(p, lr=1e-2, weight_decay=0.1)}.items():
+                       "bf16": lambda p: training.AdamW(p, lr=1e-2, weight_decay=0.1)}.items():
         w = torch.nn.Parameter(start.clone())
         opt = make([w])
         g = torch.Generator().manual_seed(1)
@@ -358,12 +359,11 @@ def test_inpainting_ladd_end_to_end(tmp_path, capsys):
     with torch.no_grad():
         for p in disc.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    b, noise = batch(teacher_m)
+    b = batch(teacher_m)
     losses = []
     for scale in (1.0, -1.0):
-        extra = scale * torch.ones(3, 1 + z, 8, 12)
-        _, stats = train_ladd.generator_step(student, teacher_m, disc, opt(student), b, noise,
-                                             torch.float32, 1.0, extra=extra)
+        b.known = scale * torch.ones(3, 1 + z, 8, 12)
+        _, stats = train_ladd.generator_step(student, teacher_m, disc, opt(student), b)
         losses.append(stats["g_loss"])
     assert losses[0] != losses[1]
     # a t2i teacher with --task inpaint, an inpainting one without: one-line errors

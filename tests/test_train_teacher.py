@@ -5,8 +5,9 @@ import torch
 
 import mmdit
 import train_teacher
+from conftest import expect_one_line_error
 import weights
-from sample import load_pipeline
+from pipeline import load_pipeline
 
 FAST = ["--preset", "test", "--judge-n", "0", "--device", "cpu"]
 
@@ -69,12 +70,10 @@ def test_training_lowers_the_flow_loss():
 
 
 def test_bad_options_fail_before_training(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train_teacher.main(["--stepz", "3"])
-    with pytest.raises(SystemExit):
-        train_teacher.main(["--preset", "huge"])
-    with pytest.raises(SystemExit, match="no config.json"):
-        train_teacher.main(["--resume", str(tmp_path / "nothing")])
+    expect_one_line_error(train_teacher.main, capsys, ["--stepz", "3"], "--stepz", "--steps")
+    expect_one_line_error(train_teacher.main, capsys, ["--preset", "huge"], "'huge'", "quick")
+    expect_one_line_error(train_teacher.main, capsys, ["--resume", str(tmp_path / "nothing")],
+                          "no config.json")
 
 
 def test_data_workers_share_the_stream_in_step_order():

@@ -1,0 +1,160 @@
+"""
+LADD's training data: latents the teacher generated itself (guided, at its default steps), with
+their prompts' conditioning, one aspect-ratio bucket per size; or, for ablations, rendered
+shapes-world images through the VAE ("real" data). Generated once, cached as fp16 safetensors
+shards in a folder named by the hash of every setting that changes them, and reused by every
+run with the same settings (an interrupted generation continues at the first missing shard).
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import cli
+import inpainting
+import pipeline
+import shapes
+import training
+import weights
+
+
+def prompt_source(cfg, pipe):
+    """-> (describe: str for the cache key, conditioning(indices) -> (Conditioning, captions))."""
+    if cfg.cond and cfg.prompts:
+        raise ValueError("--cond replaces --prompts; pass one or the other")
+    if cfg.cond:
+        cond = pipeline.load_cond(cfg.cond)
+        want = (pipe.model.config.context_dim, pipe.model.config.pooled_dim)
+        if (cond.context.shape[-1], cond.pooled.shape[-1]) != want:
+            raise ValueError(f"--cond {cfg.cond}: (context, pooled) widths "
+                             f"{(cond.context.shape[-1], cond.pooled.shape[-1])} but the teacher "
+                             f"takes {want}")
+
+        def take(index):
+            rows = [i % len(cond) for i in index]
+            return pipeline.Conditioning(cond.context[rows], cond.pooled[rows], cond.uncond_context,
+                                cond.uncond_pooled), [f"cond {r}" for r in rows]
+        return f"cond:{_file_id(cfg.cond)}", take
+    if cfg.prompts:
+        lines = cli.read_prompts([cfg.prompts])
+        if not lines:
+            raise ValueError(f"--prompts {cfg.prompts}: no prompts in it (one a line)")
+        if pipeline.is_shapes(pipe):
+            for n, line in enumerate(lines, 1):
+                try:
+                    shapes.parse_caption(line)
+                except ValueError as e:
+                    raise ValueError(f"--prompts {cfg.prompts} line {n}: {e}") from None
+        describe = "prompts:" + hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
+
+        def pick(index):  # the prompts in turn
+            return [lines[i % len(lines)] for i in index]
+    elif pipeline.is_shapes(pipe):
+        describe = "shapes-random"
+
+        def pick(index):  # caption i is a pure function of (seed, i)
+            return [shapes.random_caption(np.random.default_rng([cfg.seed, i])) for i in index]
+    else:
+        raise ValueError(f"--teacher {cfg.teacher} is not a shapes-world model: pass --prompts "
+                         "FILE (one prompt a line) or --cond FILE (precomputed conditioning)")
+
+    def take(index):
+        captions = pick(index)
+        return pipeline.encode(pipe, captions), captions
+    return describe, take
+
+
+def _file_id(path):
+    """Names a file's (or a folder of files') contents cheaply: sizes and safetensors headers."""
+    files = ([os.path.join(d, f) for d, _, names in sorted(os.walk(path)) for f in sorted(names)
+              if f.endswith(".safetensors")] if os.path.isdir(path) else [path])
+    text = json.dumps([[os.path.getsize(f), sorted(weights.read_header(f)[1].items()),
+                        sorted((k, str(v)) for k, v in weights.read_header(f)[0].items())]
+                       for f in files])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def data_settings(cfg, pipe, describe):
+    """Everything the dataset depends on; its hash names the cache folder."""
+    d = pipe.defaults
+    settings = {"kind": cfg.data, "teacher": _file_id(pipe.path), "prompts": describe,
+                "steps": cfg.data_steps or d["steps"], "cfg": cfg.data_cfg or d["cfg"],
+                "shift": d.get("shift"), "sampler": d["sampler"],
+                "sizes": [list(s) for s in pipe.sizes], "size": cfg.data_size, "seed": cfg.seed}
+    return settings if cfg.task == "t2i" else {**settings, "task": cfg.task}
+
+
+SHARD = 64  # latents per cache file
+
+
+def build_dataset(cfg, pipe, describe, take, world=training.World()):
+    """-> {(width, height): (latents [N, C, h, w], context [N, L, Dc], pooled [N, Dp])} from the
+    cache, generating (and caching, one atomic shard at a time) whatever is missing. With several
+    processes each generates its share of the missing shards; then every rank reads them all."""
+    settings = data_settings(cfg, pipe, describe)
+    folder = os.path.join(cfg.data_dir, hashlib.sha1(json.dumps(settings, sort_keys=True)
+                                                     .encode()).hexdigest()[:16])
+    os.makedirs(folder, exist_ok=True)
+    if world.main:
+        weights.atomic_write(os.path.join(folder, "settings.json"),
+                             lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    per_size = max(1, cfg.data_size // len(pipe.sizes))
+    shards = [(os.path.join(folder, f"{w}x{h}_{start // SHARD:04d}.safetensors"), (w, h),
+               list(range(k * per_size + start, k * per_size + min(start + SHARD, per_size))))
+              for k, (w, h) in enumerate(pipe.sizes) for start in range(0, per_size, SHARD)]
+    missing = [s for s in shards if not os.path.isfile(s[0])]
+    for path, (w, h), index in tqdm(missing[world.rank::world.size], desc=f"{cfg.data} data",
+                                    unit="shard", dynamic_ncols=True, disable=not world.main):
+        _write_shard(cfg, pipe, take, index, w, h, path, settings)
+    world.barrier()
+    dataset = {}
+    for path, size, _ in shards:
+        shard = weights.load_file(path)
+        dataset.setdefault(size, []).append({k: v.float() for k, v in shard.items()})
+    made = sum(len(index) for _, _, index in missing)
+    print(f"data: {per_size * len(pipe.sizes)} {cfg.data} latents in {folder} "
+          f"({made} generated now, {per_size * len(pipe.sizes) - made} from the cache)")
+    keys = ("latents", "context", "pooled") + (("extra",) if cfg.task == "inpaint" else ())
+    return {size: tuple(torch.cat([p[k] for p in parts]) for k in keys)
+            for size, parts in dataset.items()}
+
+
+def _write_shard(cfg, pipe, take, index, w, h, path, settings):
+    cond, captions = take(index)
+    tensors = {}
+    if cfg.task == "inpaint":  # world renders, a random mask each; x0: the teacher's completion
+        images = shapes.render_batch(captions, w, h, seed=index[0])            # [n, 3, H, W]
+        rng = np.random.default_rng([cfg.seed, index[0], 2])
+        masks = torch.stack([inpainting.random_mask(im, rng) for im in images])   # [n, 1, H, W]
+        with torch.no_grad():
+            z0 = pipe.vae.encode(images.to(pipe.device, pipe.dtype)).float().cpu()  # [n, C, h, w]
+        m = inpainting.latent_mask(masks, pipe.vae.config.factor)                 # [n, 1, h, w]
+        latents = z0 if cfg.data == "real" else inpainting.inpaint_latents(
+            pipe, z0, m, cond, [10_000_000 + i for i in index], settings["steps"], settings["cfg"])
+        tensors["extra"] = inpainting.known_channels(z0, m).half()                # [n, 1 + C, h, w]
+    elif cfg.data == "synthetic":  # the teacher's own guided samples, from seeds no student sees
+        latents = pipeline.generate(pipe, cond, w, h, steps=settings["steps"], cfg=settings["cfg"],
+                           seed=10_000_000 + index[0], batch_size=len(index), progress=False,
+                           decode=False)                                       # [n, C, h, w]
+    else:  # real: rendered images of the captions, through the VAE
+        if not pipeline.is_shapes(pipe):
+            raise ValueError("--data real exists for the shapes world only (it renders captions)")
+        images = shapes.render_batch(captions, w, h, seed=index[0])            # [n, 3, H, W]
+        with torch.no_grad():
+            latents = pipe.vae.encode(images.to(pipe.device, pipe.dtype)).float().cpu()
+    weights.save_file({"latents": latents.half(), "context": cond.context.half(),
+                       "pooled": cond.pooled.half(), **tensors}, path,
+                      {"captions": json.dumps(captions), "settings": json.dumps(settings)})
+
+
+def sample_batch(dataset, batch_size, generator):
+    """One aspect-ratio bucket, then distinct random rows of it (on the CPU): latents, context,
+    pooled (and an inpainting task's extra channels)."""
+    sizes = sorted(dataset)
+    bucket = dataset[sizes[int(torch.randint(len(sizes), (1,), generator=generator))]]
+    rows = torch.randperm(len(bucket[0]), generator=generator)[:batch_size]
+    return tuple(x[rows] for x in bucket)

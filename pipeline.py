@@ -1,0 +1,327 @@
+"""
+A checkpoint as a pipeline: the MMDiT, its text encoder and VAE, its sampling defaults and
+sizes, loaded from one self-describing file; prompts in, latents or images out.
+
+A checkpoint describes itself in its safetensors metadata (written by train_teacher.py and
+train_ladd.py): the MMDiT config, the text encoder and VAE that go with it ("text_encoder",
+"vae"), its sampling defaults ("sampler") and the sizes it was trained at ("sizes").
+`load_pipeline` turns that into a Pipeline and `generate` turns prompts into images, for a
+guided many-step teacher and a few-step student alike (the schedule is in the file).
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import flow
+import shapes
+import text_encoders
+import weights
+from mmdit import MMDiT
+from vae import VAE
+
+DEFAULTS = {"steps": 28, "cfg": 7.0, "shift": 3.0, "sampler": "euler"}  # SD3's, when a file has no "sampler"
+DEFAULT_SIZES = [[1024, 1024]]                                          # SD3's, when a file has no "sizes"
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline: MMDiT + text encoder + VAE + defaults, from one self-describing checkpoint
+
+
+@dataclass
+class Pipeline:
+    model: MMDiT          # eval mode, frozen
+    text_encoder: object  # .encode(prompts) -> (context [B, L, Dc], pooled [B, Dp])
+    vae: VAE              # eval mode, frozen
+    defaults: dict        # sampling defaults: steps, cfg, shift, sampler (and times for a student)
+    sizes: list           # [(width, height), ...] the model was trained at; the first is the default
+    path: str             # the MMDiT file (or diffusers folder)
+    metadata: dict = field(default_factory=dict)  # the file's raw string metadata
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    @property
+    def granularity(self):
+        """Width and height must be multiples of this many pixels."""
+        return self.vae.config.factor * self.model.config.patch_size
+
+
+@dataclass
+class Conditioning:
+    context: torch.Tensor         # [N, L, Dc]
+    pooled: torch.Tensor          # [N, Dp]
+    uncond_context: torch.Tensor  # [1, L, Dc], the empty prompt's (the CFG baseline)
+    uncond_pooled: torch.Tensor   # [1, Dp]
+
+    def __len__(self):
+        return len(self.context)
+
+
+class UnavailableTextEncoder:
+    """Stands in for text encoders a checkpoint does not have; encode() says what to do."""
+
+    def __init__(self, name, path):
+        self.name, self.path = name, path
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def encode(self, prompts):
+        if self.name == "sd3":
+            raise NotImplementedError(
+                f"{self.path}: holds no SD3 text encoders (no text_encoders.* tensors, no "
+                "text_encoder/ folder, no 'file' in its 'text_encoder' metadata); precompute the "
+                "conditioning with `python text_encoders.py --ckpt SD3_FILE_WITH_ENCODERS --prompts "
+                "PROMPTS.txt --out cond/` and pass --cond cond/cond-00000.safetensors")
+        raise NotImplementedError(
+            f"{self.path}: wants the {self.name!r} text encoder, which is not implemented; pass "
+            "--cond FILE instead, a safetensors with 'context' [N, L, Dc] and 'pooled' [N, Dp] "
+            "(optionally 'uncond_context' [1, L, Dc] and 'uncond_pooled' [1, Dp]; zeros otherwise)")
+
+
+def _meta_json(meta, key, path, default):
+    if key not in meta:
+        return default
+    try:
+        return json.loads(meta[key])
+    except ValueError:
+        raise ValueError(f"{path}: the {key!r} metadata is not valid JSON: {meta[key][:80]!r}") from None
+
+
+def _checkpoint_file(ckpt):
+    """A file stays a file; a run folder means <folder>/model.safetensors; a diffusers folder
+    (with transformer/) is passed through whole."""
+    ckpt = os.fspath(ckpt)
+    if not os.path.isdir(ckpt):
+        return ckpt
+    inside = os.path.join(ckpt, "model.safetensors")
+    if os.path.isfile(inside) or not os.path.isdir(os.path.join(ckpt, "transformer")):
+        return inside  # a missing file gives weights' "no such file" error, naming it
+    return ckpt
+
+
+def _vae_file(path, meta):
+    where = meta.get("vae", "self")
+    if where != "self":
+        file = os.path.join(os.path.dirname(os.path.abspath(path)), where)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{path}: its VAE should be at {file} (metadata vae={where!r}) "
+                                    "but that file does not exist; put the VAE there")
+        return file
+    if os.path.isdir(path):  # diffusers folder: vae/ inside it
+        return path
+    if not any(k.startswith(weights.SD3_PREFIXES["vae"]) for k in weights.read_header(path)[0]):
+        raise ValueError(f"{path}: no VAE: the file names none in its metadata ('vae') and holds no "
+                         "first_stage_model.* tensors; save it with metadata vae=<VAE file name>")
+    return path
+
+
+def _text_encoder(path, meta, model):
+    spec = _meta_json(meta, "text_encoder", path, {"name": "sd3"})
+    name = spec.get("name") if isinstance(spec, dict) else None
+    if name == "sd3":  # CLIP-L, CLIP-G (and T5-XXL) from the checkpoint or a file its metadata names
+        encoder = text_encoders.for_checkpoint(path, spec, context_dim=model.config.context_dim)
+        if encoder is not None and encoder.pooled_dim != model.config.pooled_dim:
+            raise ValueError(f"{path}: its text encoders give pooled vectors of {encoder.pooled_dim} "
+                             f"but the MMDiT takes {model.config.pooled_dim}")
+        return encoder or UnavailableTextEncoder(name, path)
+    if name != "shapes":
+        return UnavailableTextEncoder(name, path)
+    encoder = shapes.ShapesTextEncoder(dim=spec.get("dim", 64), pooled_dim=spec.get("pooled_dim", 64),
+                                       seed=spec.get("seed", 0))
+    got, want = (encoder.context_dim, encoder.pooled_dim), (model.config.context_dim, model.config.pooled_dim)
+    if got != want:
+        raise ValueError(f"{path}: its text encoder gives (context, pooled) widths {got} but the "
+                         f"MMDiT takes {want}; the 'text_encoder' metadata is wrong")
+    return encoder
+
+
+def load_pipeline(ckpt, device="cpu", dtype=torch.float32):
+    """Everything needed to sample from one checkpoint (see the module docstring for the
+    metadata it reads). Model and VAE are in eval mode with requires_grad False."""
+    path = _checkpoint_file(ckpt)
+    model = MMDiT.from_pretrained(path, device, dtype)  # one-line error for a wrong or missing file
+    meta = model.metadata
+    vae = VAE.from_pretrained(_vae_file(path, meta), device, dtype)
+    text_encoder = _text_encoder(path, meta, model).to(device)
+    defaults = {**DEFAULTS, **_meta_json(meta, "sampler", path, {})}
+    if "times" in defaults:  # a few-step student: its training times are its schedule
+        defaults["times"] = flow.student_sigmas(defaults["times"])[:-1]
+        defaults["steps"] = len(defaults["times"])
+    sizes = _meta_json(meta, "sizes", path, DEFAULT_SIZES)
+    if not sizes or not all(isinstance(s, list) and len(s) == 2 and all(type(v) is int for v in s)
+                            for s in sizes):
+        raise ValueError(f"{path}: the 'sizes' metadata must be a list of [width, height], got {sizes!r}")
+    for m in (model, vae):
+        m.eval().requires_grad_(False)
+    return Pipeline(model, text_encoder, vae, defaults, [tuple(s) for s in sizes], path, dict(meta))
+
+
+# ----------------------------------------------------------------------------------------------
+# conditioning, schedule, sizes
+
+
+def is_shapes(pipe):
+    """Whether the pipeline belongs to the built-in shapes world (its captions can be judged)."""
+    return isinstance(pipe.text_encoder, shapes.ShapesTextEncoder)
+
+
+def encode(pipe, prompts):
+    """Prompts -> Conditioning, one encoder call; the empty prompt "" is the unconditional input."""
+    if isinstance(prompts, str):
+        raise ValueError(f"prompts must be a list of strings, got the single string {prompts!r}")
+    context, pooled = pipe.text_encoder.encode(list(prompts) + [""])
+    return Conditioning(context[:-1], pooled[:-1], context[-1:], pooled[-1:])
+
+
+def load_cond(path):
+    """A --cond file (or a folder of text_encoders.py shards) -> Conditioning. Tensors: context
+    [N, L, Dc], pooled [N, Dp], and optionally uncond_context [1, L, Dc], uncond_pooled [1, Dp]
+    (zeros when absent)."""
+    t = text_encoders.read_shards(path)[1] if os.path.isdir(path) else weights.load_file(path)
+    if "context" not in t or "pooled" not in t:
+        raise ValueError(f"{path}: a --cond file needs tensors 'context' [N, L, Dc] and 'pooled' "
+                         f"[N, Dp]; it has {sorted(t) or 'none'}")
+    context, pooled = t["context"].float(), t["pooled"].float()
+    uc = t.get("uncond_context", torch.zeros_like(context[:1])).float()
+    up = t.get("uncond_pooled", torch.zeros_like(pooled[:1])).float()
+    if (context.dim() != 3 or pooled.dim() != 2 or len(pooled) != len(context)
+            or uc.shape != (1, *context.shape[1:]) or up.shape != (1, pooled.shape[1])):
+        raise ValueError(f"{path}: --cond shapes do not fit together: context {list(context.shape)}, "
+                         f"pooled {list(pooled.shape)}, uncond_context {list(uc.shape)}, uncond_pooled "
+                         f"{list(up.shape)}; want [N, L, Dc], [N, Dp], [1, L, Dc], [1, Dp]")
+    return Conditioning(context, pooled, uc, up)
+
+
+def sampling_settings(pipe, steps=None, cfg=None, shift=None, sampler=None):
+    """The checkpoint's defaults with any overrides -> {steps, shift, sigmas, cfg, sampler}. A student with
+    "times" samples at those times; `steps` N then means N times evenly spaced from 1
+    (1 -> [1], 2 -> [1, .5], 4 -> [1, .75, .5, .25]) and `shift` is not used."""
+    d = pipe.defaults
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if "times" in d:
+        times = d["times"] if steps is None else [1 - k / steps for k in range(steps)]
+        sigmas, shift = flow.student_sigmas(times), None
+    else:
+        shift = d["shift"] if shift is None else shift
+        sigmas = flow.sd3_sigmas(d["steps"] if steps is None else steps, shift)
+    return {"steps": len(sigmas) - 1, "shift": shift, "sigmas": sigmas,
+            "cfg": d["cfg"] if cfg is None else cfg, "sampler": d["sampler"] if sampler is None else sampler}
+
+
+def check_size(pipe, width, height):
+    """width x height must be multiples of the granularity and fit the positional grid."""
+    g, f, p = pipe.granularity, pipe.vae.config.factor, pipe.model.config.patch_size
+    biggest = g * pipe.model.config.pos_embed_max_size
+    ok = lambda n: isinstance(n, int) and g <= n <= biggest and n % g == 0  # noqa: E731
+    if ok(width) and ok(height):
+        return
+    clip = lambda n: min(max(g, n), biggest)  # noqa: E731
+    near = lambda n: sorted({clip(int(n) // g * g), clip(-(-int(n) // g) * g)})  # noqa: E731
+    sizes = " or ".join(f"{w}x{h}" for w in near(width) for h in near(height))
+    raise ValueError(f"size {width}x{height} (width x height) does not fit this model: both must be "
+                     f"multiples of {g} (VAE factor {f} x patch size {p}) from {g} to {biggest}; "
+                     f"nearest valid sizes: {sizes}")
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+
+def velocity_of(model):
+    """The model as flow.sample wants it: the latent state stays fp32, the model runs in its dtype."""
+    dtype = next(model.parameters()).dtype
+
+    def velocity(x, t, context, pooled):
+        return model(x.to(dtype), t, context.to(dtype), pooled.to(dtype)).float()
+    return velocity
+
+
+def _decode(pipe, latents):
+    return pipe.vae.decode(latents).float().cpu()  # [B, 3, H, W] in [-1, 1]
+
+
+def _init_latents(pipe, image, n, width, height):
+    """img2img start: one image [3, H, W] (or [1, 3, H, W]) for all, or one per prompt [N, 3, H, W]."""
+    image = image[None] if image.dim() == 3 else image
+    if image.dim() != 4 or image.shape[1] != 3 or len(image) not in (1, n):
+        raise ValueError(f"init image must be [3, H, W] or [{n}, 3, H, W], got {list(image.shape)}")
+    if tuple(image.shape[-2:]) != (height, width):
+        raise ValueError(f"init image is {image.shape[-1]}x{image.shape[-2]} but the sample size is "
+                         f"{width}x{height}; resize it (load_image(path, width, height))")
+    latents = pipe.vae.encode(image.to(pipe.device)).float()  # [1 or N, z, h, w]
+    return latents.expand(n, -1, -1, -1)
+
+
+@torch.no_grad()
+def generate(pipe, prompts, width, height, steps=None, cfg=None, shift=None, sampler=None, seed=0,
+             batch_size=8, init_image=None, strength=1.0, progress=True, trajectory=False,
+             decode=True):
+    """prompts (list of str, or a Conditioning) -> images [N, 3, H, W] in [-1, 1] on the CPU, and
+    with trajectory=True also the decoded x0 estimate after every step, a list of [N, 3, H, W].
+    decode=False returns the final latents [N, z, h, w] (fp32, CPU) instead of images.
+
+    Image i starts from the noise of seed + i, so it does not depend on batch_size. steps, cfg,
+    shift, sampler: None means the checkpoint's default. img2img: init_image [3, H, W] in
+    [-1, 1] is encoded and noised to the first kept step; strength is the share of steps run
+    (0 returns the VAE round trip of the input)."""
+    check_size(pipe, width, height)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    c = pipe.model.config
+    if c.in_channels != c.out_channels:
+        raise ValueError(f"{pipe.path} is an inpainting model ({c.in_channels} input channels: "
+                         "latent, mask, known latent); use inpaint.py with an image and a mask")
+    cond = prompts if isinstance(prompts, Conditioning) else encode(pipe, prompts)
+    got = (cond.context.shape[-1], cond.pooled.shape[-1])
+    want = (pipe.model.config.context_dim, pipe.model.config.pooled_dim)
+    if got != want:
+        raise ValueError(f"conditioning has (context, pooled) widths {got} but the model takes {want}")
+    s = sampling_settings(pipe, steps, cfg, shift, sampler)
+    sigmas, n = s["sigmas"], len(cond)
+    if n == 0:
+        raise ValueError("no prompts to sample")
+    x_init = None
+    if init_image is not None:
+        x_init = _init_latents(pipe, init_image, n, width, height)  # [N, z, h, w]
+        sigmas = flow.img2img_sigmas(sigmas, strength)
+    elif strength != 1.0:
+        raise ValueError(f"strength {strength} needs an init image (img2img)")
+
+    device, f = pipe.device, pipe.vae.config.factor
+    latent_shape = (pipe.vae.config.z_channels, height // f, width // f)
+    velocity = velocity_of(pipe.model)
+    images, frames = [], [[] for _ in sigmas[:-1]]  # frames[step]: decoded x0 estimates
+    with tqdm(total=math.ceil(n / batch_size) * (len(sigmas) - 1), desc="sampling", unit="step",
+              disable=not progress) as bar:
+
+        def after_step(i, x0_hat):
+            bar.update()
+            if trajectory:
+                frames[i].append(_decode(pipe, x0_hat))
+
+        for start in range(0, n, batch_size):
+            rows = slice(start, min(start + batch_size, n))
+            seeds = [seed + i for i in range(rows.start, rows.stop)]
+            b = len(seeds)
+            latents = flow.sample(
+                velocity, flow.seeded_noise(seeds, latent_shape, device), sigmas,  # [b, z, h, w]
+                cond.context[rows].to(device), cond.pooled[rows].to(device),       # [b, L, Dc], [b, Dp]
+                cond.uncond_context.to(device).expand(b, -1, -1),                  # [b, L, Dc]
+                cond.uncond_pooled.to(device).expand(b, -1),                       # [b, Dp]
+                cfg=s["cfg"], sampler=s["sampler"], seeds=seeds,
+                x_init=None if x_init is None else x_init[rows], callback=after_step)
+            images.append(_decode(pipe, latents) if decode else latents.float().cpu())
+    images = torch.cat(images)                                      # [N, 3, H, W] or [N, z, h, w]
+    return (images, [torch.cat(step) for step in frames]) if trajectory else images
