@@ -124,6 +124,22 @@ def resolve_config(cls, presets, given, script):
     return cls(**{**presets[given.get("preset", "default")], **given})
 
 
+def parse_list(text, name, kind=float):
+    """"1,0.75,0.5" -> [1.0, 0.75, 0.5] for option --name, or a one-line error."""
+    try:
+        return [kind(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"--{name} {text!r}: want comma-separated numbers, e.g. 1,0.75,0.5,0.25") from None
+
+
+def training_main(cls, presets, train, argv, prog, doc):
+    """A training script's main: the options given, over the --preset's (or, with --resume, the
+    run's saved config), over the defaults of `cls` -> train(config)."""
+    return run_cli(lambda a: parse_config(cls, a, prog, doc, {"preset": tuple(presets)},
+                                          given_only=True),
+                   lambda given: train(resolve_config(cls, presets, given, prog)), argv)
+
+
 def read_prompts(items):
     """--prompt values -> prompts; a value ending in .txt is a file with one prompt per line."""
     prompts = []

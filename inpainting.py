@@ -45,7 +45,7 @@ import shapes
 
 
 # noise streams: a fresh draw for (stream, step) of image seed s; stream 0 is flow.sample's renoise
-# noise, so an all-ones mask reproduces sample.generate exactly
+# noise, so an all-ones mask reproduces pipeline.generate exactly
 RENOISE, BLEND, JUMP = 0, 1, 2
 
 
@@ -119,6 +119,25 @@ def is_inpainting_model(model):
     for z output channels (a text-to-image one reads z)."""
     c = model.config
     return c.in_channels == 2 * c.out_channels + 1
+
+
+def check_task(pipe, task, name):
+    """A teacher for --task t2i (a text-to-image model) or inpaint (an inpainting model of the
+    shapes world, where masks and edits can be made); anything else is a one-line error."""
+    c = pipe.model.config
+    if is_inpainting_model(pipe.model):
+        if task != "inpaint":
+            raise ValueError(f"{name} is an inpainting model (latent, mask and known latent in); "
+                             "pass --task inpaint")
+        if not pipeline.is_shapes(pipe):
+            raise ValueError("--task inpaint makes its data in the shapes world (renders and "
+                             "masks); the teacher is not a shapes-world model")
+    elif c.in_channels != c.out_channels:
+        raise ValueError(f"{name}: a text-to-image MMDiT has as many output as input channels, "
+                         f"this one {c.in_channels} -> {c.out_channels}")
+    elif task == "inpaint":
+        raise ValueError(f"--task inpaint needs an inpainting teacher, and {name.split()[-1]} is "
+                         "a text-to-image one; make one with python train_teacher.py --preset inpaint")
 
 
 def with_known(x, known):

@@ -37,7 +37,7 @@ def prompt_source(cfg, pipe):
         def take(index):
             rows = [i % len(cond) for i in index]
             return pipeline.Conditioning(cond.context[rows], cond.pooled[rows], cond.uncond_context,
-                                cond.uncond_pooled), [f"cond {r}" for r in rows]
+                                         cond.uncond_pooled), [f"cond {r}" for r in rows]
         return f"cond:{_file_id(cfg.cond)}", take
     if cfg.prompts:
         lines = cli.read_prompts([cfg.prompts])

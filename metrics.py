@@ -100,7 +100,7 @@ def evaluate_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **over
 
 
 def judge_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **overrides):
-    """The scores of evaluate_pipeline without the images (train_teacher.py logs these)."""
+    """The scores of evaluate_pipeline without the images (what the trainers log at the end)."""
     return evaluate_pipeline(pipe, n, seed, sizes, progress, **overrides)[0]
 
 

@@ -512,5 +512,25 @@ def from_diffusers(state):
     return out
 
 
+def init_from(student, teacher):
+    """Initialise an MMDiT from another (a LADD student from its teacher): copy every tensor whose
+    shape fits, student block j from teacher block round(j (T - 1) / (S - 1)), so a shallower
+    student keeps the first and the last block (as in layer dropping). -> tensors copied."""
+    S, T = student.config.depth, teacher.config.depth
+    source = {j: round(j * (T - 1) / max(S - 1, 1)) for j in range(S)}
+    theirs, copied = teacher.state_dict(), 0
+    mine = student.state_dict()
+    for key in mine:
+        name = key
+        if key.startswith("joint_blocks."):
+            _, j, rest = key.split(".", 2)
+            name = f"joint_blocks.{source[int(j)]}.{rest}"
+        if name in theirs and theirs[name].shape == mine[key].shape:
+            mine[key] = theirs[name].float()
+            copied += 1
+    student.load_state_dict(mine)
+    return copied
+
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters())

@@ -146,6 +146,21 @@ def _text_encoder(path, meta, model):
     return encoder
 
 
+def text_encoder_spec(pipe):
+    """The pipeline's text encoder as metadata for a checkpoint derived from it (a student in
+    another folder): the shapes encoder as it is; SD3 encoders by the absolute paths of the
+    files that hold them."""
+    spec = json.loads(pipe.metadata.get("text_encoder", '{"name": "sd3"}'))
+    if spec.get("name") != "sd3" or isinstance(pipe.text_encoder, UnavailableTextEncoder):
+        return spec
+    path = os.path.abspath(pipe.path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    for key in ("file", "t5_vocab", "clip_vocab"):
+        if spec.get(key):
+            spec[key] = os.path.join(folder, spec[key])
+    return {**spec, "file": spec.get("file", path)}
+
+
 def load_pipeline(ckpt, device="cpu", dtype=torch.float32):
     """Everything needed to sample from one checkpoint (see the module docstring for the
     metadata it reads). Model and VAE are in eval mode with requires_grad False."""

@@ -677,7 +677,7 @@ class SD3TextEncoder:
 
 
 def for_checkpoint(path, spec=None, context_dim=None):
-    """The SD3TextEncoder that goes with an MMDiT checkpoint (sample.py), or None when it has
+    """The SD3TextEncoder that goes with an MMDiT checkpoint (pipeline.py), or None when it has
     none: the file's own text_encoders.* tensors or diffusers text_encoder*/ folders, or a file
     named in its 'text_encoder' metadata ({"name": "sd3", "file": ..., "t5_vocab": ...,
     "clip_vocab": ..., "t5": false}; paths relative to the checkpoint's folder)."""

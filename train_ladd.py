@@ -101,13 +101,6 @@ PRESETS = {
 }
 
 
-def parse_list(text, name, kind=float):
-    try:
-        return [kind(v) for v in str(text).split(",")]
-    except ValueError:
-        raise ValueError(f"--{name} {text!r}: want comma-separated numbers, e.g. 1,0.75,0.5,0.25") from None
-
-
 # ----------------------------------------------------------------------------------------------
 # the algorithm: one step of each player
 
@@ -251,20 +244,7 @@ def load_teacher(cfg, device, amp):
     """The teacher's pipeline (MMDiT, VAE, text encoder, sampling defaults), frozen. On CUDA it is
     stored in the autocast dtype: it is never updated, only run and differentiated through."""
     pipe = pipeline.load_pipeline(cfg.teacher, device, amp if device.type == "cuda" else torch.float32)
-    c = pipe.model.config
-    if inpainting.is_inpainting_model(pipe.model):
-        if cfg.task != "inpaint":
-            raise ValueError(f"--teacher {cfg.teacher} is an inpainting model (latent, mask and "
-                             "known latent in); pass --task inpaint")
-        if not pipeline.is_shapes(pipe):
-            raise ValueError("--task inpaint makes its data in the shapes world (renders and "
-                             "masks); the teacher is not a shapes-world model")
-    elif c.in_channels != c.out_channels:
-        raise ValueError(f"--teacher {cfg.teacher}: a text-to-image MMDiT has as many output as "
-                         f"input channels, this one {c.in_channels} -> {c.out_channels}")
-    elif cfg.task == "inpaint":
-        raise ValueError(f"--task inpaint needs an inpainting teacher, and {cfg.teacher} is a "
-                         "text-to-image one; make one with python train_teacher.py --preset inpaint")
+    inpainting.check_task(pipe, cfg.task, "--teacher " + cfg.teacher)
     return pipe
 
 
@@ -277,12 +257,12 @@ def student_config(cfg, teacher_config):
         raise ValueError(f"--student-config {cfg.student_config!r}: not a named config; choose one "
                          f"of {', '.join(mmdit.CONFIGS)}")
     s, t = mmdit.CONFIGS[cfg.student_config], teacher_config
-    for field in ("in_channels", "out_channels", "context_dim", "pooled_dim", "patch_size"):
-        if getattr(s, field) != getattr(t, field):
+    for name in ("in_channels", "out_channels", "context_dim", "pooled_dim", "patch_size"):
+        if getattr(s, name) != getattr(t, name):
             raise ValueError(
-                f"--student-config {cfg.student_config}: {field} is {getattr(s, field)} but the "
-                f"teacher's is {getattr(t, field)}; student and teacher share latents and text "
-                f"conditioning, so pick a config with {field}={getattr(t, field)}")
+                f"--student-config {cfg.student_config}: {name} is {getattr(s, name)} but the "
+                f"teacher's is {getattr(t, name)}; student and teacher share latents and text "
+                f"conditioning, so pick a config with {name}={getattr(t, name)}")
     if s.pos_embed_max_size < t.pos_embed_max_size:
         raise ValueError(f"--student-config {cfg.student_config}: its positional grid "
                          f"({s.pos_embed_max_size}) is smaller than the teacher's "
@@ -295,49 +275,15 @@ def make_student(cfg, teacher):
     config = student_config(cfg, teacher.config)
     torch.manual_seed(cfg.seed)
     student = mmdit.MMDiT(config)
-    copied = init_from_teacher(student, teacher)
+    copied = mmdit.init_from(student, teacher)
     if config != teacher.config:
         print(f"student {cfg.student_config}: {copied} of {len(student.state_dict())} tensors "
               "initialised from the teacher")
     return student
 
 
-def init_from_teacher(student, teacher):
-    """Copy every tensor whose shape fits. Student block j takes teacher block
-    round(j (T - 1) / (S - 1)): the first and the last block stay (a shallower copy, as in
-    layer-dropping). -> number of tensors copied."""
-    S, T = student.config.depth, teacher.config.depth
-    source = {j: round(j * (T - 1) / max(S - 1, 1)) for j in range(S)}
-    theirs, copied = teacher.state_dict(), 0
-    mine = student.state_dict()
-    for key in mine:
-        name = key
-        if key.startswith("joint_blocks."):
-            _, j, rest = key.split(".", 2)
-            name = f"joint_blocks.{source[int(j)]}.{rest}"
-        if name in theirs and theirs[name].shape == mine[key].shape:
-            mine[key] = theirs[name].float()
-            copied += 1
-    student.load_state_dict(mine)
-    return copied
-
-
 # ----------------------------------------------------------------------------------------------
 # outputs
-
-
-def text_encoder_spec(teacher_pipe):
-    """The teacher's text encoder, named so that the student finds it from its own folder: the
-    shapes encoder as it is; SD3 encoders by the absolute paths of the files that hold them."""
-    spec = json.loads(teacher_pipe.metadata.get("text_encoder", '{"name": "sd3"}'))
-    if spec.get("name") != "sd3" or isinstance(teacher_pipe.text_encoder, pipeline.UnavailableTextEncoder):
-        return spec
-    path = os.path.abspath(teacher_pipe.path)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    for key in ("file", "t5_vocab", "clip_vocab"):
-        if spec.get(key):
-            spec[key] = os.path.join(folder, spec[key])
-    return {**spec, "file": spec.get("file", path)}
 
 
 def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):
@@ -378,8 +324,8 @@ def check_config(cfg):
         raise ValueError(f"--checkpointing {cfg.checkpointing!r}: choose auto, on or off")
     if cfg.sampler not in flow.SAMPLERS:
         raise ValueError(f"--sampler {cfg.sampler!r}: choose one of {', '.join(flow.SAMPLERS)}")
-    times, probs = parse_list(cfg.times, "times"), parse_list(cfg.time_probs, "time-probs")
-    warm = parse_list(cfg.warmup_probs, "warmup-probs")
+    times, probs = cli.parse_list(cfg.times, "times"), cli.parse_list(cfg.time_probs, "time-probs")
+    warm = cli.parse_list(cfg.warmup_probs, "warmup-probs")
     if not all(0 < t <= 1 for t in times) or times[0] != 1:
         raise ValueError(f"--times {cfg.times}: want decreasing times in (0, 1] starting at 1")
     for name, p in (("time-probs", probs), ("warmup-probs", warm)):
@@ -471,7 +417,7 @@ def train(cfg):
                 "skipped": skipped}
         if world.main:
             meta = training.checkpoint_metadata(
-                "train_ladd.py", cfg, text_encoder_spec(teacher_pipe), "vae.safetensors",
+                "train_ladd.py", cfg, pipeline.text_encoder_spec(teacher_pipe), "vae.safetensors",
                 {"times": schedule[0], "cfg": 1.0, "sampler": cfg.sampler}, teacher_pipe.sizes,
                 teacher=os.path.abspath(teacher_pipe.path), train_steps=str(step), **extra)
             ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"), meta, tree["ema"])
@@ -543,15 +489,8 @@ def train(cfg):
     return student_pipe
 
 
-def parse_args(argv=None):
-    """argv -> the options given (a dict); `train` gets them over the preset or resumed run."""
-    return cli.parse_config(Config, argv, "train_ladd.py", __doc__, {"preset": tuple(PRESETS)},
-                            given_only=True)
-
-
 def main(argv=None):
-    return cli.run_cli(parse_args, lambda given: train(cli.resolve_config(
-        Config, PRESETS, given, "train_ladd.py")), argv)
+    return cli.training_main(Config, PRESETS, train, argv, "train_ladd.py", __doc__)
 
 
 if __name__ == "__main__":

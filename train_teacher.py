@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 import cli
 import flow
-import images
 import inpainting
 import metrics
 import mmdit
@@ -40,6 +39,7 @@ import shapes
 import training
 import vae as vae_lib
 import weights
+from images import save_grid
 
 
 @dataclass
@@ -245,7 +245,7 @@ def preview(pipe, path, seed=0):
     captions = [shapes.random_caption(int(torch.randint(2**31, (1,), generator=rng)))
                 for _ in range(8)]
     samples = pipeline.generate(pipe, captions, 64, 64, seed=seed, progress=False)
-    images.save_grid(samples, path, nrow=4)
+    save_grid(samples, path, nrow=4)
 
 
 def train(cfg):
@@ -418,15 +418,8 @@ def export(cfg, vae, ema, step, extra):
     print(f"exported {' and '.join(os.path.join(cfg.export, n) for n in names)}")
 
 
-def parse_args(argv=None):
-    """argv -> the options given (a dict); `train` gets them over the preset or resumed run."""
-    return cli.parse_config(Config, argv, "train_teacher.py", __doc__, {"preset": tuple(PRESETS)},
-                            given_only=True)
-
-
 def main(argv=None):
-    return cli.run_cli(parse_args, lambda given: train(cli.resolve_config(
-        Config, PRESETS, given, "train_teacher.py")), argv)
+    return cli.training_main(Config, PRESETS, train, argv, "train_teacher.py", __doc__)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,6 @@
 The harness both training scripts share, kept out of the way of the methods: several processes
 (`World`), a random generator per step, mixed precision, the guarded update, the EMA, an AdamW
 with bf16 moments, checkpoint metadata, and memory accounting.
-
-Several processes: `torchrun --nproc_per_node=N train_ladd.py` (or train_teacher.py) runs the
-same code path as one process; see `World`.
 """
 
 import atexit

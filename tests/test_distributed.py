@@ -9,6 +9,7 @@ import torch
 
 import train_ladd
 import train_teacher
+import training
 import weights
 from conftest import make_checkpoint
 
@@ -21,7 +22,6 @@ import sys
 import torch.distributed as dist
 sys.path.insert(0, {repo!r})
 import {script}, weights
-import training
 result = {script}.main(sys.argv[1:])
 model = getattr(result, "model", result)
 state = {{k: v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP: gather the shards

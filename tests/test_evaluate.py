@@ -8,11 +8,10 @@ import torch
 from PIL import Image
 
 import evaluate
-import shapes
-
-from conftest import expect_one_line_error, make_checkpoint
 import metrics
 import pipeline
+import shapes
+from conftest import expect_one_line_error, make_checkpoint
 
 ONE_THREAD = True
 

@@ -11,14 +11,13 @@ import torch
 from PIL import Image
 
 import flow
-import inpaint
-import sample
-import shapes
-from conftest import (expect_one_line_error, make_checkpoint, make_inpainting_checkpoint,  # tiny checkpoints
 import images
+import inpaint
 import inpainting
 import metrics
 import pipeline
+import shapes
+from conftest import (expect_one_line_error, make_checkpoint, make_inpainting_checkpoint,  # tiny checkpoints
                       read_png, PROMPTS)
 
 ONE_THREAD = True

@@ -8,15 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
+import images
 import mmdit
+import pipeline
 import sample
 import shapes
 import weights
-
 from conftest import expect_one_line_error, read_png, PROMPTS, make_checkpoint
-import cli
-import images
-import pipeline
 
 ONE_THREAD = True
 P = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt", PROMPTS[2]]

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import mmdit
+import pipeline
 import sample
 import text_encoders as te
 import vae as vae_lib
@@ -25,7 +26,6 @@ from text_encoders import CONFIGS, CLIPTextEncoder, SD3TextEncoder, T5Encoder
 from text_tokenizers import CLIP_MERGES_ASSET, CharsMap, CLIPTokenizer, T5Tokenizer
 
 from conftest import expect_one_line_error, read_png
-import pipeline
 
 ONE_THREAD = True
 MANIFESTS = Path(__file__).parent / "manifests"

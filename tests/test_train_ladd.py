@@ -5,14 +5,14 @@ import pytest
 import torch
 
 import flow
+import ladd_data
 import mmdit
 import train_ladd
+import training
 import weights
 from conftest import expect_one_line_error, make_checkpoint
 from discriminator import Discriminator, hinge_d_loss
 from pipeline import load_pipeline
-import ladd_data
-import training
 
 ONE_THREAD = True
 TEACHER_SAMPLER = {"steps": 2, "cfg": 2.0, "shift": 1.0, "sampler": "euler"}
@@ -184,7 +184,7 @@ def test_the_synthetic_data_cache_is_reused(teacher, tmp_path, capsys, monkeypat
     train_ladd.main(argv(teacher, tmp_path / "a", *args))
     assert "8 generated now, 0 from the cache" in capsys.readouterr().out
     calls = []
-    monkeypatch.setattr(train_ladd, "_write_shard", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(ladd_data, "_write_shard", lambda *a, **k: calls.append(1))
     train_ladd.main(argv(teacher, tmp_path / "b", *args))
     assert "0 generated now, 8 from the cache" in capsys.readouterr().out and not calls
     shards = sorted(p.name for p in next(data.iterdir()).glob("*.safetensors"))
@@ -201,7 +201,7 @@ def test_a_non_finite_step_is_skipped_and_never_saved(teacher, tmp_path, monkeyp
     def poisoned(*args):
         x0, context, pooled = real(*args)
         return x0 * float("nan"), context, pooled
-    monkeypatch.setattr(train_ladd, "sample_batch", poisoned)
+    monkeypatch.setattr(ladd_data, "sample_batch", poisoned)
     out = tmp_path / "nan"
     train_ladd.main(argv(teacher, out, "--steps", "2"))
     state = weights.load_state(out / "state.safetensors")
@@ -267,7 +267,7 @@ def test_a_shallower_student_starts_from_the_teachers_first_and_last_blocks():
     torch.manual_seed(0)
     teacher_m = mmdit.MMDiT(teacher_cfg)
     student = mmdit.MMDiT(dataclasses.replace(teacher_cfg, depth=2))
-    assert train_ladd.init_from_teacher(student, teacher_m) == len(student.state_dict())
+    assert mmdit.init_from(student, teacher_m) == len(student.state_dict())
     for j, i in ((0, 0), (1, 3)):  # the last block (pre-only context) comes from the last
         mine, theirs = student.joint_blocks[j].state_dict(), teacher_m.joint_blocks[i].state_dict()
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)

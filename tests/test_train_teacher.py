@@ -5,8 +5,8 @@ import torch
 
 import mmdit
 import train_teacher
-from conftest import expect_one_line_error
 import weights
+from conftest import expect_one_line_error
 from pipeline import load_pipeline
 
 FAST = ["--preset", "test", "--judge-n", "0", "--device", "cpu"]
