@@ -125,7 +125,7 @@ def resolve_config(cls, presets, given, script):
 
 
 def parse_list(text, name, kind=float):
-    """"1,0.75,0.5" -> [1.0, 0.75, 0.5] for option --name, or a one-line error."""
+    """'1,0.75,0.5' -> [1.0, 0.75, 0.5] for option --name, or a one-line error."""
     try:
         return [kind(v) for v in str(text).split(",")]
     except ValueError:

@@ -84,6 +84,7 @@ class DiscriminatorHead(nn.Module):
             raise ValueError(f"pooled must be [{B}, {self.pooled_dim}], got {list(pooled.shape)}")
 
     def forward(self, x, t_hat, pooled):
+        """features x [B, D, h, w], noise levels t_hat [B], pooled text [B, Dp] -> logits [B]."""
         self.check_inputs(x, t_hat, pooled)
         c = F.silu(self.t_embedder(timestep_embedding(1000 * t_hat).to(x.dtype))
                    + self.y_embedder(pooled))                        # [B, hidden]

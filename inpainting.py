@@ -121,23 +121,23 @@ def is_inpainting_model(model):
     return c.in_channels == 2 * c.out_channels + 1
 
 
-def check_task(pipe, task, name):
-    """A teacher for --task t2i (a text-to-image model) or inpaint (an inpainting model of the
-    shapes world, where masks and edits can be made); anything else is a one-line error."""
+def check_task(pipe, task, teacher):
+    """LADD's teacher (file name `teacher`) for --task t2i must be a text-to-image model, for
+    --task inpaint an inpainting model of the shapes world (where masks and edits are made)."""
     c = pipe.model.config
     if is_inpainting_model(pipe.model):
         if task != "inpaint":
-            raise ValueError(f"{name} is an inpainting model (latent, mask and known latent in); "
-                             "pass --task inpaint")
+            raise ValueError(f"--teacher {teacher} is an inpainting model (latent, mask and known "
+                             "latent in); pass --task inpaint")
         if not pipeline.is_shapes(pipe):
             raise ValueError("--task inpaint makes its data in the shapes world (renders and "
                              "masks); the teacher is not a shapes-world model")
     elif c.in_channels != c.out_channels:
-        raise ValueError(f"{name}: a text-to-image MMDiT has as many output as input channels, "
-                         f"this one {c.in_channels} -> {c.out_channels}")
+        raise ValueError(f"--teacher {teacher}: a text-to-image MMDiT has as many output as input "
+                         f"channels, this one {c.in_channels} -> {c.out_channels}")
     elif task == "inpaint":
-        raise ValueError(f"--task inpaint needs an inpainting teacher, and {name.split()[-1]} is "
-                         "a text-to-image one; make one with python train_teacher.py --preset inpaint")
+        raise ValueError(f"--task inpaint needs an inpainting teacher, and {teacher} is a "
+                         "text-to-image one; make one with python train_teacher.py --preset inpaint")
 
 
 def with_known(x, known):

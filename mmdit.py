@@ -237,6 +237,8 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(*args, dual=index in cfg.dual_attention_layers)
 
     def forward(self, ctx, x, c):
+        """text tokens ctx [B, L, D], image tokens x [B, N, D], conditioning c [B, D] -> both
+        streams after the block (the last block: None for the text)."""
         L = ctx.shape[1]
         (qc, kc, vc), ctx_state = self.context_block.pre_attention(ctx, c)  # [B, L, H, hd] each
         (qx, kx, vx), x_state = self.x_block.pre_attention(x, c)            # [B, N, H, hd] each

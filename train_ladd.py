@@ -244,7 +244,7 @@ def load_teacher(cfg, device, amp):
     """The teacher's pipeline (MMDiT, VAE, text encoder, sampling defaults), frozen. On CUDA it is
     stored in the autocast dtype: it is never updated, only run and differentiated through."""
     pipe = pipeline.load_pipeline(cfg.teacher, device, amp if device.type == "cuda" else torch.float32)
-    inpainting.check_task(pipe, cfg.task, "--teacher " + cfg.teacher)
+    inpainting.check_task(pipe, cfg.task, cfg.teacher)
     return pipe
 
 

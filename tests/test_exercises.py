@@ -1,0 +1,192 @@
+"""The classroom exercises (exercises/): every grader passes on the project's code, fails on the
+stubbed copy and on typical wrong answers; the student's copy imports and the rest of it runs."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "exercises"))
+import exercises  # noqa: E402
+import graders  # noqa: E402
+
+ONE_THREAD = True
+NAMES = [e.name for e in exercises.EXERCISES]
+
+# the mistakes students make, one function at a time: (exercise, file, function, wrong source)
+WRONG = [
+    ("flow-noising", "flow.py", "add_noise", '''
+def add_noise(x0, noise, t):
+    t = _bcast(t, x0)
+    return t * x0 + (1 - t) * noise            # t and 1 - t swapped
+'''),
+    ("flow-noising", "flow.py", "velocity_target", '''
+def velocity_target(x0, noise):
+    return x0 - noise                          # the sign
+'''),
+    ("sd3-schedule", "flow.py", "shift_t", '''
+def shift_t(t, shift):
+    return shift * t / (1 + shift * t)         # (s - 1) written as s
+'''),
+    ("sd3-schedule", "flow.py", "sd3_sigmas", '''
+def sd3_sigmas(steps, shift=3.0):
+    ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    return [float(shift_t(t, shift)) for t in ts]   # shifted once, from 1 to 0 directly
+'''),
+    ("timestep-embedding", "mmdit.py", "timestep_embedding", '''
+def timestep_embedding(t, dim=256, max_period=10000.0):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)   # sines first
+'''),
+    ("joint-attention", "mmdit.py", "JointBlock.forward", '''
+def forward(self, ctx, x, c):
+    (qc, kc, vc), ctx_state = self.context_block.pre_attention(ctx, c)
+    (qx, kx, vx), x_state = self.x_block.pre_attention(x, c)
+    x = self.x_block.post_attention(x, attention(qx, kx, vx), x_state)   # each stream alone
+    if self.context_block.pre_only:
+        return None, x
+    return self.context_block.post_attention(ctx, attention(qc, kc, vc), ctx_state), x
+'''),
+    ("discriminator-head", "discriminator.py", "DiscriminatorHead.forward", '''
+def forward(self, x, t_hat, pooled):
+    c = F.silu(self.t_embedder(timestep_embedding(1000 * t_hat).to(x.dtype))
+               + self.y_embedder(pooled))
+    h = self.x_in(x)
+    for block in self.res_blocks:
+        h = block(h, c)
+    h = F.silu(self.norm_out(h))
+    return self.logit_out(h).mean(dim=(1, 2, 3))   # the projection term forgotten
+'''),
+    ("hinge-losses", "discriminator.py", "hinge_d_loss", '''
+def hinge_d_loss(real_logits, fake_logits):
+    return sum(F.relu(1 + r).mean() + F.relu(1 - f).mean()      # real and fake swapped
+               for r, f in zip(real_logits, fake_logits))
+'''),
+    ("hinge-losses", "discriminator.py", "hinge_g_loss", '''
+def hinge_g_loss(fake_logits):
+    return sum(f.mean() for f in fake_logits)                    # the sign
+'''),
+    ("generator-step", "train_ladd.py", "generator_step", '''
+def generator_step(student, teacher, disc, opt, batch, run=StepSettings()):
+    b = batch
+    disc.requires_grad_(False)
+    x_t = flow.add_noise(b.x0, b.eps, b.t)
+    v = student(b.input(x_t), b.t, b.context, b.pooled).float()
+    x0_hat = flow.x0_from_v(x_t, v, b.t)
+    fake = flow.add_noise(x0_hat, b.eps_fake, b.t_hat).detach()   # no gradient to the student
+    features = teacher.features(b.input(fake), b.t_hat, b.context, b.pooled, disc.blocks)
+    loss = hinge_g_loss(disc([f.float() for f in features], b.t_hat, b.pooled))
+    stats = {"g_loss": loss.item()}
+    opt.zero_grad()
+    stats["g_grad_norm"], stats["g_skipped"] = 0.0, 0
+    disc.requires_grad_(True)
+    return [f.detach().float() for f in features], stats
+'''),
+    ("renoise-sampler", "flow.py", "sampler_step", '''
+def sampler_step(x, v, s, s_next, sampler, eps=None):
+    if sampler == "euler":
+        return x + (s_next - s) * v
+    x0_hat = x - s * v
+    return (1 - s) * x0_hat + (s * eps if s_next > 0 else 0.0)   # the noise level of s, not s_next
+'''),
+    ("inpainting-input", "inpainting.py", "known_channels", '''
+def known_channels(z0, m):
+    return torch.cat([m, z0 * m], dim=1)        # keeps the region to repaint instead
+'''),
+    ("inpainting-input", "inpainting.py", "with_known", '''
+def with_known(x, known):
+    return x if known is None else torch.cat([known, x], dim=1)   # the channels before x
+'''),
+]
+
+
+def failed(results):
+    return [check for check, err in results if err]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_grader_passes_on_the_project_code(name):
+    assert not failed(exercises.grade(name, ROOT)), exercises.grade(name, ROOT)
+
+
+def test_the_reference_outputs_are_the_project_code_s():
+    recorded = {}
+    for name in NAMES:
+        exercises.grade(name, ROOT, recorded)
+    stored = exercises.load(ROOT).weights.load_file(graders.REFERENCE)
+    assert stored.keys() == recorded.keys()
+    for key, value in recorded.items():  # remake with: python exercises/exercises.py record
+        assert torch.allclose(stored[key], value, atol=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def stubbed(tmp_path_factory):
+    return exercises.copy(str(tmp_path_factory.mktemp("copy") / "all"), python_only=True)
+
+
+def test_the_stubbed_copy_imports_and_every_grader_fails(stubbed):
+    m = exercises.load(stubbed)  # every module of the copy imports
+    assert {"train_ladd", "sample", "mmdit", "flow"} <= set(vars(m))
+    for name in NAMES:
+        results = exercises.grade(name, stubbed)
+        assert failed(results), name
+        assert any("not written yet" in (err or "") for _, err in results), name
+
+
+def test_a_stub_keeps_the_signature_and_docstring_and_says_what_to_write(stubbed):
+    with open(os.path.join(stubbed, "discriminator.py")) as f:
+        source = f.read()
+    assert "def hinge_d_loss(real_logits, fake_logits):" in source
+    assert '"""sum_k mean(relu(1 - real_k))' in source
+    assert 'raise NotImplementedError(\n        "exercise hinge-losses: The hinge losses' in source
+    assert "F.relu(1 - r)" not in source
+    assert not os.path.exists(os.path.join(stubbed, "exercises", "ANSWERS.md"))  # the key stays home
+
+
+@pytest.mark.parametrize("name, file, function, source", WRONG,
+                         ids=[f"{n}:{f}" for n, _, f, _ in WRONG])
+def test_a_typical_wrong_answer_fails_its_grader(tmp_path, name, file, function, source):
+    copy = exercises.copy(str(tmp_path / "wrong"), names=[], python_only=True,
+                          replacements=[(file, function, source)])
+    assert failed(exercises.grade(name, copy)), f"the {name} grader accepts: {source}"
+
+
+def test_every_exercise_has_a_wrong_answer_and_a_target_that_exists():
+    assert {n for n, *_ in WRONG} == set(NAMES)
+    for e in exercises.EXERCISES:
+        for file, function in e.targets:
+            with open(os.path.join(ROOT, file)) as f:
+                exercises.stub(f.read(), function, "x")  # found by name in the real file
+
+
+def test_the_rest_of_a_copy_runs_and_its_grader_says_what_is_missing(tmp_path):
+    """Only the hinge losses stubbed: sampling from the shipped teacher still works, and the
+    grader, run the student's way in the copy, fails with the stub's message."""
+    copy = exercises.copy(str(tmp_path / "student"), names=["hinge-losses"], python_only=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "sample.py", "--ckpt", "assets/shapes_teacher.safetensors",
+                          "--prompt", "a red circle on a blue background", "--steps", "2",
+                          "--out", str(tmp_path / "s"), "--quiet"],
+                         cwd=copy, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "s" / "000.png").is_file()
+    grade = subprocess.run([sys.executable, "exercises/exercises.py", "grade", "hinge-losses"],
+                           cwd=copy, capture_output=True, text=True, env=env)
+    assert grade.returncode == 1 and "not written yet" in grade.stdout, grade.stdout + grade.stderr
+    done = subprocess.run([sys.executable, "exercises/exercises.py", "grade", "renoise-sampler"],
+                          cwd=copy, capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "all checks pass" in done.stdout, done.stdout + done.stderr
+
+
+def test_copy_refuses_unknown_exercises_and_a_used_folder(tmp_path):
+    with pytest.raises(ValueError, match="unknown exercise 'hinge'"):
+        exercises.copy(str(tmp_path / "a"), names=["hinge"])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty"):
+        exercises.copy(str(tmp_path / "b"), names=["hinge-losses"])
+    assert (tmp_path / "b" / "x").read_text() == "keep me"
