@@ -214,7 +214,7 @@ class StreamBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, len(self.chunks) * dim))
 
     def pre_attention(self, h, c):
-        """-> (q, k, v) of this stream, and the state post_attention needs."""
+        """-> ((q, k, v) of this stream, each [B, L, H, hd]; the state post_attention needs)."""
         m = dict(zip(self.chunks, self.adaLN_modulation(c).chunk(len(self.chunks), dim=1)))  # [B, D] each
         hn = self.norm1(h)                                      # [B, L, D]
         return self.attn.qkv_heads(modulate(hn, m["shift_msa"], m["scale_msa"])), (hn, m)
@@ -237,8 +237,8 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(*args, dual=index in cfg.dual_attention_layers)
 
     def forward(self, ctx, x, c):
-        """text tokens ctx [B, L, D], image tokens x [B, N, D], conditioning c [B, D] -> both
-        streams after the block (the last block: None for the text)."""
+        """text tokens ctx [B, L, D], image tokens x [B, N, D], conditioning c [B, D] -> (ctx, x)
+        after the block, text first (the last block returns None for the text)."""
         L = ctx.shape[1]
         (qc, kc, vc), ctx_state = self.context_block.pre_attention(ctx, c)  # [B, L, H, hd] each
         (qx, kx, vx), x_state = self.x_block.pre_attention(x, c)            # [B, N, H, hd] each

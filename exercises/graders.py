@@ -206,7 +206,7 @@ def _(m, ref):
         "joint attention's output for its own tokens")
 
 
-@check("joint-attention", "the last block: text is pre-only (returns None) and the image output")
+@check("joint-attention", "the last block: None for the pre-only text, the reference image output")
 def _(m, ref):
     block, ctx, x, c = _block(m, 2)
     out_ctx, out_x = block(ctx, x, c)
