@@ -147,22 +147,30 @@ def copy(out, names=None, replacements=(), python_only=False):
         raise ValueError(f"unknown exercise {unknown[0]!r}; choose from {', '.join(BY_NAME)}")
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"--out {out} exists and is not empty; pass a new folder")
-    os.makedirs(out, exist_ok=True)
-    for path in sorted(set(_project_files(python_only)) - TEACHER_ONLY):
-        target = os.path.join(out, path)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copy2(os.path.join(ROOT, path), target)
-    if python_only:
-        os.symlink(os.path.join(ROOT, "assets"), os.path.join(out, "assets"))
-    edits = [(f, q, lambda s, q=q, e=BY_NAME[n]: stub(s, q, stub_message(e)))
-             for n in names for f, q in BY_NAME[n].targets]
-    edits += [(f, q, lambda s, q=q, new=new: replace(s, q, new)) for f, q, new in replacements]
-    for file, _, edit in edits:
-        path = os.path.join(out, file)
-        with open(path, encoding="utf-8") as fh:
-            source = fh.read()
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(edit(source))
+    work = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"  # built aside, then renamed: never half made
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        for path in sorted(set(_project_files(python_only)) - TEACHER_ONLY):
+            os.makedirs(os.path.dirname(os.path.join(work, path)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, path), os.path.join(work, path))
+        if python_only:
+            os.symlink(os.path.join(ROOT, "assets"), os.path.join(work, "assets"))
+        changes = [(f, q, BY_NAME[n], None) for n in names for f, q in BY_NAME[n].targets]
+        changes += [(f, q, None, new) for f, q, new in replacements]
+        for file, qualname, exercise, new in changes:
+            path = os.path.join(work, file)
+            with open(path, encoding="utf-8") as fh:
+                source = fh.read()
+            source = (stub(source, qualname, stub_message(exercise)) if exercise else
+                      replace(source, qualname, new))
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(source)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if os.path.isdir(out):
+        os.rmdir(out)  # empty, checked above
+    os.rename(work, out)
     return out
 
 
@@ -179,7 +187,7 @@ def _project_files(python_only):
             continue
         files += [os.path.normpath(os.path.join(rel, n)) for n in sorted(names)
                   if not python_only or n.endswith((".py", ".safetensors", ".md"))]
-    return [f for f in files if not (python_only and f.startswith("assets"))]
+    return files
 
 
 # ----------------------------------------------------------------------------------------------

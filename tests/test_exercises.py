@@ -190,3 +190,7 @@ def test_copy_refuses_unknown_exercises_and_a_used_folder(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         exercises.copy(str(tmp_path / "b"), names=["hinge-losses"])
     assert (tmp_path / "b" / "x").read_text() == "keep me"
+    with pytest.raises(ValueError, match="nope: no such function"):  # fails half way: no folder
+        exercises.copy(str(tmp_path / "c"), names=[], python_only=True,
+                       replacements=[("flow.py", "nope", "def nope():\n    pass")])
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob("c.tmp-*"))
