@@ -18,9 +18,11 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import os
 import re
 import sys
+import tempfile
 
 import torch
 
@@ -111,17 +113,62 @@ def parse_config(cls, argv, prog, doc, choices=None, item_types=None, given_only
     return cls(**vars(args))
 
 
-def resolve_config(cls, presets, given, script):
-    """A training run's config: the options given, over the preset's, over the defaults; with
-    --resume, over the run's saved config.json instead of a preset."""
-    if given.get("resume"):
-        path = os.path.join(given["resume"], "config.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"--resume {given['resume']}: no config.json there; pass a run folder "
-                             f"made by {script}")
-        with open(path) as f:
-            return cls(**{**json.load(f), **given, "out": given["resume"]})
-    return cls(**{**presets[given.get("preset", "default")], **given})
+def resolve_config(cls, presets, given, script, may_change=(), resume_needs=("state.safetensors",)):
+    """A training run's config: the options given, over the preset's, over the defaults. With
+    --resume, the run's saved config.json instead, which the options given must equal except
+    those in `may_change` (e.g. --steps): a resumed run is the run it was. A new run refuses a
+    --out that already holds one, unless --overwrite."""
+    out = given.get("resume") or given.get("out") or cls(**presets[given.get("preset", "default")]).out
+    files = held_run_files(out)
+    if not given.get("resume"):
+        if files and not given.get("overwrite"):
+            raise ValueError(f"--out {out} holds a run ({', '.join(files)}); continue it with "
+                             f"--resume {out}, or replace it with --overwrite")
+        return cls(**{**presets[given.get("preset", "default")], **given})
+    if given.get("overwrite"):
+        raise ValueError("--resume continues a run and --overwrite replaces it; pass one of them")
+    if given.get("out") not in (None, out):
+        raise ValueError(f"--out {given['out']} and --resume {out} name different folders; "
+                         f"--resume alone continues the run in its own folder")
+    missing = [f for f in ("config.json", *resume_needs) if not os.path.isfile(os.path.join(out, f))]
+    if missing:
+        saved = ("it stopped before saving a state; start it again with --overwrite"
+                 if "config.json" not in missing else f"pass a run folder made by {script}")
+        raise ValueError(f"--resume {out}: no {' or '.join(missing)} there ({saved})")
+    with open(os.path.join(out, "config.json")) as f:
+        saved = json.load(f)
+    fixed = {k: v for k, v in given.items() if k not in (*may_change, "resume", "out")}
+    differ = [f"--{k.replace('_', '-')} {v} (the run's: {saved.get(k)})"
+              for k, v in fixed.items() if saved.get(k) != v]
+    if differ:
+        raise ValueError(f"--resume {out}: these options differ from the run's: {', '.join(differ)}; "
+                         f"a resumed run keeps its settings, except "
+                         f"{', '.join('--' + k.replace('_', '-') for k in may_change)}")
+    return cls(**{**saved, **given, "out": out, "overwrite": False})
+
+
+def held_run_files(folder):
+    """The files of a training run that `folder` holds (none: a new or empty folder)."""
+    names = ("config.json", "log.jsonl", "state.safetensors", "model.safetensors")
+    return [n for n in names if os.path.isfile(os.path.join(folder, n))]
+
+
+# option values: (test, what is allowed), for check_options
+FINITE = (math.isfinite, "a finite number")
+POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+COUNT = (lambda v: v >= 0, "an integer >= 0")
+AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+DECAY = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def check_options(cfg, rules):
+    """rules: {field: (test, what is allowed)}; the first value that fails its test is a
+    one-line error naming the option and what it allows."""
+    for name, (ok, allowed) in rules.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: want {allowed}")
 
 
 def parse_list(text, name, kind=float):
@@ -132,15 +179,17 @@ def parse_list(text, name, kind=float):
         raise ValueError(f"--{name} {text!r}: want comma-separated numbers, e.g. 1,0.75,0.5,0.25") from None
 
 
-def training_main(cls, presets, train, argv, prog, doc):
+def training_main(cls, presets, train, argv, prog, doc, **resume_rules):
     """A training script's main: the options given, over the --preset's (or, with --resume, the
-    run's saved config), over the defaults of `cls` -> train(config)."""
+    run's saved config), over the defaults of `cls` -> train(config). resume_rules: may_change,
+    resume_needs (resolve_config)."""
     return run_cli(lambda a: parse_config(cls, a, prog, doc, {"preset": tuple(presets)},
                                           given_only=True),
-                   lambda given: train(resolve_config(cls, presets, given, prog)), argv)
+                   lambda given: train(resolve_config(cls, presets, given, prog, **resume_rules)),
+                   argv)
 
 
-def read_prompts(items):
+def read_prompts(items, option="--prompt"):
     """--prompt values -> prompts; a value ending in .txt is a file with one prompt per line."""
     prompts = []
     for item in items:
@@ -151,8 +200,34 @@ def read_prompts(items):
             with open(item, encoding="utf-8") as f:
                 prompts += [line.strip() for line in f if line.strip()]
         except OSError as e:
-            raise ValueError(f"--prompt {item}: cannot read the prompt file ({e.strerror})") from None
+            raise ValueError(f"{option} {item}: cannot read the prompt file ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{option} {item}: cannot read it as text (not UTF-8); a prompt "
+                             "file must be UTF-8 text, one prompt a line") from None
     return prompts
+
+
+def check_out_folder(folder, option="--out"):
+    """Fail before any work when `folder` cannot take a script's output: make it (with any missing
+    parents), create and remove a file in it, then remove the folders made here again."""
+    made, path = [], os.path.abspath(folder)
+    while not os.path.lexists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise ValueError(f"{option} {folder}: cannot write there ({e.strerror or e}); pass a "
+                         "writable folder") from None
+    finally:
+        for path in made:  # deepest first
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,10 +242,14 @@ def one_line(message):
 
 def run_cli(parse, run, argv=None):
     """A script's main: parse (a bad option exits 2 with one line), run, and report a problem
-    with the user's input as one line `error: ...` with exit code 2."""
+    with the user's input as one line `error: ...` with exit code 2; Ctrl-C ends with code 130
+    and one line (a training run saves its state first and says how to continue)."""
     config = parse(argv)
     try:
         return run(config)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as e:
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        raise SystemExit(130) from None

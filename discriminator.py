@@ -181,11 +181,14 @@ def approx_r1(disc, features, t_hat, pooled, sigma=0.01, generator=None):
 
     A finite-difference estimate of the R1 penalty |grad_F D_k(F)|^2 on real features: for small
     sigma the difference is sigma <grad, eps>, whose square has expectation sigma^2 |grad|^2. Two
-    forward passes and no double backward. Multiply by gamma / 2 for R1 with weight gamma."""
+    forward passes and no double backward. Multiply by gamma / 2 for R1 with weight gamma.
+    The noise is drawn on the generator's device (training's step generator lives on the CPU)
+    and moved to the features'."""
     if sigma <= 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
-    noisy = [x + sigma * torch.randn(x.shape, generator=generator, device=x.device,
-                                     dtype=x.dtype) for x in features]          # [B, D, h, w] each
+    home = generator.device if generator is not None else features[0].device
+    noisy = [x + sigma * torch.randn(x.shape, generator=generator, device=home,
+                                     dtype=x.dtype).to(x.device) for x in features]  # [B, D, h, w] each
     clean_logits = disc(features, t_hat, pooled)
     noisy_logits = disc(noisy, t_hat, pooled)
     return sum(((n - c) ** 2).mean() for n, c in zip(noisy_logits, clean_logits)) / sigma ** 2

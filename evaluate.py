@@ -87,10 +87,15 @@ def configurations(c):
                              f"(for every checkpoint) or once per --ckpt")
     rows = []
     for i, ckpt in enumerate(c.ckpt):
+        pick = lambda values: values[0] if len(values) == 1 else values[i]  # noqa: E731
+        overrides = {k: pick(getattr(c, k)) for k in OVERRIDES if getattr(c, k)}
+        pipeline.check_sampling(**overrides)
         if not os.path.exists(ckpt):
             raise ValueError(f"--ckpt {ckpt}: no such file or folder")
-        pick = lambda values: values[0] if len(values) == 1 else values[i]  # noqa: E731
-        rows.append((ckpt, {k: pick(getattr(c, k)) for k in OVERRIDES if getattr(c, k)}))
+        rows.append((ckpt, overrides))
+    for ckpt, overrides in rows:  # a student takes no --shift: said before any row is run
+        if "shift" in overrides and pipeline.is_student(ckpt):
+            pipeline.check_sampling(shift=overrides["shift"], student=ckpt)
     return rows
 
 
@@ -116,8 +121,11 @@ def run(c):
     sizes = parse_sizes(c.sizes) if c.sizes else None
     if c.n < 2:
         raise ValueError(f"--n {c.n}: need at least 2 captions (the Fréchet distance needs 2 images)")
+    if c.seed < 0:
+        raise ValueError(f"--seed {c.seed}: must be an integer >= 0 (it draws the captions)")
     if os.path.exists(c.out) and not os.path.isdir(c.out):
         raise ValueError(f"--out {c.out} is a file; pass a folder for the results")
+    cli.check_out_folder(c.out)
     device = cli.pick_device(c.device)
     dtype = cli.pick_dtype(c.dtype, device)
     rows, grid, labels, pipe, pipe_ckpt = [], [], [], None, None

@@ -53,15 +53,39 @@ def parse_args(argv=None):
     return cli.parse_config(InpaintConfig, argv, "inpaint.py", __doc__, CHOICES)
 
 
+def check_options(c):
+    """The options' own checks, before anything is loaded or written."""
+    pipeline.check_sampling(c.steps, c.cfg, None, c.sampler)
+    for name, what in (("resample", "RePaint passes per step"), ("feather", "latent pixels"),
+                       ("eval", "edits to judge; 0: inpaint --image")):
+        if getattr(c, name) < 0:
+            raise ValueError(f"--{name} {getattr(c, name)}: must be an integer >= 0 ({what})")
+    if c.eval and c.seed < 0:
+        raise ValueError(f"--seed {c.seed}: must be an integer >= 0 with --eval (it draws the edits)")
+
+
+def check_model(c, pipe):
+    """--resample and --feather are for training-free inpainting, not an inpainting model."""
+    if inpainting.is_inpainting_model(pipe.model):
+        for name in ("resample", "feather"):
+            if getattr(c, name):
+                raise ValueError(f"--{name} {getattr(c, name)}: for training-free inpainting only; "
+                                 f"{c.ckpt} is an inpainting model, which reads the mask itself")
+
+
 def run_eval(c):
     """--eval N: judge N edits, print the scores and write them to --out/edits.json."""
     if c.image or c.mask or c.prompt:
         raise ValueError("--eval makes its own images, masks and captions; drop --image, --mask "
                          "and --prompt")
+    if os.path.exists(c.out) and not os.path.isdir(c.out):
+        raise ValueError(f"--out {c.out} is a file; pass a folder for edits.json")
+    cli.check_out_folder(c.out)
     device = cli.pick_device(c.device)
     pipe = pipeline.load_pipeline(c.ckpt, device, cli.pick_dtype(c.dtype, device))
     if not pipeline.is_shapes(pipe):
         raise ValueError(f"--eval needs a shapes-world checkpoint; {c.ckpt} is not one")
+    check_model(c, pipe)
     scores = metrics.judge_edits(pipe, c.eval, c.seed, progress=not c.quiet, steps=c.steps,
                                  cfg=c.cfg, sampler=c.sampler, resample=c.resample,
                                  feather=c.feather)
@@ -77,6 +101,7 @@ def run_eval(c):
 
 def run(c):
     """Inpaint as InpaintConfig `c` says and write the files; returns the output paths."""
+    check_options(c)
     if c.eval:
         return run_eval(c)
     if not c.image or not c.mask:
@@ -86,6 +111,7 @@ def run(c):
         raise ValueError('no prompts: pass --prompt "what the repainted image shows"')
     if os.path.exists(c.out) and not os.path.isdir(c.out):
         raise ValueError(f"--out {c.out} is a file; pass a folder for the images")
+    cli.check_out_folder(c.out)
     image, mask = images.load_image(c.image), images.load_mask(c.mask)  # [3, H, W], [1, H, W]
     if mask.shape[1:] != image.shape[1:]:
         raise ValueError(f"--mask {c.mask} is {mask.shape[2]}x{mask.shape[1]} but --image {c.image} "
@@ -94,6 +120,7 @@ def run(c):
     dtype = cli.pick_dtype(c.dtype, device)
     pipe = pipeline.load_pipeline(c.ckpt, device, dtype)
     pipeline.check_size(pipe, image.shape[2], image.shape[1])
+    check_model(c, pipe)
     results = inpainting.inpaint(pipe, image, mask, prompts, steps=c.steps, cfg=c.cfg,
                                  sampler=c.sampler, seed=c.seed, resample=c.resample,
                                  feather=c.feather, progress=not c.quiet)

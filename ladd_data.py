@@ -4,6 +4,9 @@ their prompts' conditioning, one aspect-ratio bucket per size; or, for ablations
 shapes-world images through the VAE ("real" data). Generated once, cached as fp16 safetensors
 shards in a folder named by the hash of every setting that changes them, and reused by every
 run with the same settings (an interrupted generation continues at the first missing shard).
+The teacher (and a --cond file) are named by the sha256 of their tensors, so two checkpoints
+with the same layout but other weights never share samples. Training reads the shards memory-
+mapped, in fp16: a batch's rows are converted to fp32 when drawn, nothing is held in RAM.
 """
 
 import hashlib
@@ -38,9 +41,11 @@ def prompt_source(cfg, pipe):
             rows = [i % len(cond) for i in index]
             return pipeline.Conditioning(cond.context[rows], cond.pooled[rows], cond.uncond_context,
                                          cond.uncond_pooled), [f"cond {r}" for r in rows]
-        return f"cond:{_file_id(cfg.cond)}", take
+        return f"cond:{content_id(cfg.cond, cfg.data_dir)}", take
     if cfg.prompts:
-        lines = cli.read_prompts([cfg.prompts])
+        if not cfg.prompts.endswith(".txt"):
+            raise ValueError(f"--prompts {cfg.prompts}: want a .txt file, one prompt a line")
+        lines = cli.read_prompts([cfg.prompts], "--prompts")
         if not lines:
             raise ValueError(f"--prompts {cfg.prompts}: no prompts in it (one a line)")
         if pipeline.is_shapes(pipe):
@@ -68,23 +73,38 @@ def prompt_source(cfg, pipe):
     return describe, take
 
 
-def _file_id(path):
-    """Names a file's (or a folder of files') contents cheaply: sizes and safetensors headers."""
+def content_id(path, data_dir):
+    """Names the tensors of a safetensors file (or of every one in a folder) by their sha256,
+    computed once per file and remembered in data_dir/file_hashes.json by path, size and
+    modification time."""
     files = ([os.path.join(d, f) for d, _, names in sorted(os.walk(path)) for f in sorted(names)
               if f.endswith(".safetensors")] if os.path.isdir(path) else [path])
-    text = json.dumps([[os.path.getsize(f), sorted(weights.read_header(f)[1].items()),
-                        sorted((k, str(v)) for k, v in weights.read_header(f)[0].items())]
-                       for f in files])
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+    memo_path = os.path.join(data_dir, "file_hashes.json")
+    memo = json.load(open(memo_path)) if os.path.isfile(memo_path) else {}
+    digests = []
+    for file in files:
+        stat, key = os.stat(file), os.path.abspath(file)
+        if memo.get(key, [None, None])[:2] != [stat.st_size, stat.st_mtime_ns]:
+            print(f"hashing {file}'s tensors (once: remembered in {memo_path})")
+            memo[key] = [stat.st_size, stat.st_mtime_ns, weights.tensors_sha256(file)]
+            weights.atomic_write(memo_path, lambda f: f.write(json.dumps(memo, indent=1).encode()))
+        digests.append(memo[key][2])
+    return hashlib.sha256(json.dumps(digests).encode()).hexdigest()[:16]
 
 
 def data_settings(cfg, pipe, describe):
     """Everything the dataset depends on; its hash names the cache folder."""
     d = pipe.defaults
-    settings = {"kind": cfg.data, "teacher": _file_id(pipe.path), "prompts": describe,
+    settings = {"kind": cfg.data, "teacher": content_id(pipe.path, cfg.data_dir),
+                "text_encoder": pipeline.text_encoder_spec(pipe), "prompts": describe,
                 "steps": cfg.data_steps or d["steps"], "cfg": cfg.data_cfg or d["cfg"],
                 "shift": d.get("shift"), "sampler": d["sampler"],
                 "sizes": [list(s) for s in pipe.sizes], "size": cfg.data_size, "seed": cfg.seed}
+    if cfg.data == "real" or cfg.task == "inpaint":  # the VAE encodes the data
+        vae = hashlib.sha256(str(pipe.vae.config).encode())  # its scale and shift too
+        for name, t in sorted(pipe.vae.state_dict().items()):
+            vae.update(name.encode() + weights.raw_bytes(t).tobytes())
+        settings["vae"] = vae.hexdigest()[:16]
     return settings if cfg.task == "t2i" else {**settings, "task": cfg.task}
 
 
@@ -92,8 +112,9 @@ SHARD = 64  # latents per cache file
 
 
 def build_dataset(cfg, pipe, describe, take, world=training.World()):
-    """-> {(width, height): (latents [N, C, h, w], context [N, L, Dc], pooled [N, Dp])} from the
-    cache, generating (and caching, one atomic shard at a time) whatever is missing. With several
+    """-> {(width, height): ([latents [n, C, h, w] of each shard], [context [n, L, Dc] ...],
+    [pooled [n, Dp] ...])}: fp16 views of the memory-mapped cache files (sample_batch reads
+    rows of them). Generates (and caching, one atomic shard at a time) whatever is missing. With several
     processes each generates its share of the missing shards; then every rank reads them all."""
     settings = data_settings(cfg, pipe, describe)
     folder = os.path.join(cfg.data_dir, hashlib.sha1(json.dumps(settings, sort_keys=True)
@@ -111,16 +132,16 @@ def build_dataset(cfg, pipe, describe, take, world=training.World()):
                                     unit="shard", dynamic_ncols=True, disable=not world.main):
         _write_shard(cfg, pipe, take, index, w, h, path, settings)
     world.barrier()
+    keys = ("latents", "context", "pooled") + (("extra",) if cfg.task == "inpaint" else ())
     dataset = {}
     for path, size, _ in shards:
-        shard = weights.load_file(path)
-        dataset.setdefault(size, []).append({k: v.float() for k, v in shard.items()})
+        shard = weights.load_file(path)  # views of the file: read from disk when used
+        for parts, key in zip(dataset.setdefault(size, tuple([] for _ in keys)), keys):
+            parts.append(shard[key])
     made = sum(len(index) for _, _, index in missing)
     print(f"data: {per_size * len(pipe.sizes)} {cfg.data} latents in {folder} "
           f"({made} generated now, {per_size * len(pipe.sizes) - made} from the cache)")
-    keys = ("latents", "context", "pooled") + (("extra",) if cfg.task == "inpaint" else ())
-    return {size: tuple(torch.cat([p[k] for p in parts]) for k in keys)
-            for size, parts in dataset.items()}
+    return dataset
 
 
 def _write_shard(cfg, pipe, take, index, w, h, path, settings):
@@ -152,9 +173,11 @@ def _write_shard(cfg, pipe, take, index, w, h, path, settings):
 
 
 def sample_batch(dataset, batch_size, generator):
-    """One aspect-ratio bucket, then distinct random rows of it (on the CPU): latents, context,
+    """One aspect-ratio bucket, then distinct random rows of it, read from its shards (every
+    shard holds SHARD rows but the last) and converted to fp32 on the CPU: latents, context,
     pooled (and an inpainting task's extra channels)."""
     sizes = sorted(dataset)
     bucket = dataset[sizes[int(torch.randint(len(sizes), (1,), generator=generator))]]
-    rows = torch.randperm(len(bucket[0]), generator=generator)[:batch_size]
-    return tuple(x[rows] for x in bucket)
+    rows = torch.randperm(sum(len(p) for p in bucket[0]), generator=generator)[:batch_size]
+    return tuple(torch.stack([parts[r // SHARD][r % SHARD] for r in rows.tolist()]).float()
+                 for parts in bucket)

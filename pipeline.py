@@ -218,13 +218,42 @@ def load_cond(path):
     return Conditioning(context, pooled, uc, up)
 
 
+def is_student(ckpt):
+    """Whether a checkpoint (a file or run folder, read from its header alone) is a few-step
+    student: it samples at its trained "times", not a shifted sigma schedule."""
+    path = _checkpoint_file(ckpt)
+    if not os.path.isfile(path):  # a diffusers folder (no "sampler"); a missing file fails at loading
+        return False
+    return "times" in _meta_json(weights.load_metadata(path), "sampler", path, {})
+
+
+def check_sampling(steps=None, cfg=None, shift=None, sampler=None, student=None):
+    """The sampling options as given (None: the checkpoint's), checked before any work, each error
+    naming its option. student: the path of a student checkpoint, which takes no shift."""
+    def number(x, above):  # finite and >= 0 (> 0 with above=True)
+        try:
+            return math.isfinite(x) and (x > 0 if above else x >= 0)
+        except TypeError:
+            return False
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"--steps {steps}: must be an integer >= 1")
+    if cfg is not None and not number(cfg, False):
+        raise ValueError(f"--cfg {cfg}: must be a finite number >= 0 (1 = unguided)")
+    if shift is not None and not number(shift, True):
+        raise ValueError(f"--shift {shift}: must be a finite number > 0 (1 = no shift)")
+    if shift is not None and student:
+        raise ValueError(f"--shift {shift}: {student} is a student, which samples at its trained "
+                         "times; --shift applies to a teacher's sigma schedule")
+    if sampler is not None and sampler not in flow.SAMPLERS:
+        raise ValueError(f"--sampler {sampler}: choose one of {', '.join(flow.SAMPLERS)}")
+
+
 def sampling_settings(pipe, steps=None, cfg=None, shift=None, sampler=None):
     """The checkpoint's defaults with any overrides -> {steps, shift, sigmas, cfg, sampler}. A student with
     "times" samples at those times; `steps` N then means N times evenly spaced from 1
-    (1 -> [1], 2 -> [1, .5], 4 -> [1, .75, .5, .25]) and `shift` is not used."""
+    (1 -> [1], 2 -> [1, .5], 4 -> [1, .75, .5, .25]) and a `shift` is an error."""
     d = pipe.defaults
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_sampling(steps, cfg, shift, sampler, pipe.path if "times" in d else None)
     if "times" in d:
         times = d["times"] if steps is None else [1 - k / steps for k in range(steps)]
         sigmas, shift = flow.student_sigmas(times), None
@@ -247,7 +276,8 @@ def check_size(pipe, width, height):
     sizes = " or ".join(f"{w}x{h}" for w in near(width) for h in near(height))
     raise ValueError(f"size {width}x{height} (width x height) does not fit this model: both must be "
                      f"multiples of {g} (VAE factor {f} x patch size {p}) from {g} to {biggest}; "
-                     f"nearest valid sizes: {sizes}")
+                     f"nearest valid sizes: {sizes}; its trained sizes: "
+                     + ", ".join(f"{w}x{h}" for w, h in pipe.sizes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +323,7 @@ def generate(pipe, prompts, width, height, steps=None, cfg=None, shift=None, sam
     (0 returns the VAE round trip of the input)."""
     check_size(pipe, width, height)
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
+        raise ValueError(f"--batch-size {batch_size}: must be an integer >= 1")
     c = pipe.model.config
     if c.in_channels != c.out_channels:
         raise ValueError(f"{pipe.path} is an inpainting model ({c.in_channels} input channels: "

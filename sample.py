@@ -66,12 +66,25 @@ def run(c):
                          "(repeat it for more) or --prompt FILE.txt")
     if c.strength is not None and not c.init_image:
         raise ValueError("--strength needs --init-image (it is the share of img2img steps run)")
+    pipeline.check_sampling(c.steps, c.cfg, c.shift, c.sampler)
+    if c.shift is not None and pipeline.is_student(c.ckpt):  # read from the file's header
+        pipeline.check_sampling(shift=c.shift, student=c.ckpt)
+    for name, value in (("width", c.width), ("height", c.height)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} {value}: must be > 0 (pixels); leave it out for the "
+                             "default size")
+    if c.batch_size < 1:
+        raise ValueError(f"--batch-size {c.batch_size}: must be an integer >= 1")
+    if c.strength is not None and not 0 <= c.strength <= 1:
+        raise ValueError(f"--strength {c.strength}: must be a number in [0, 1] (the share of the "
+                         "steps run)")
     if os.path.exists(c.out) and not os.path.isdir(c.out):
         raise ValueError(f"--out {c.out} is a file; pass a folder for the images")
+    cli.check_out_folder(c.out)
+    init = images.load_image(c.init_image) if c.init_image else None
     device = cli.pick_device(c.device)
     dtype = cli.pick_dtype(c.dtype, device)
     pipe = pipeline.load_pipeline(c.ckpt, device, dtype)
-    init = images.load_image(c.init_image) if c.init_image else None
     width = c.width or (init.shape[2] if init is not None else pipe.sizes[0][0])
     height = c.height or (init.shape[1] if init is not None else pipe.sizes[0][1])
     pipeline.check_size(pipe, width, height)

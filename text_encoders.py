@@ -763,7 +763,7 @@ def parse_args(argv=None):
 def run(c):
     """Encode the prompts shard by shard into c.out; an existing shard with the same prompts
     and settings is kept (resume). Returns the shard paths."""
-    prompts = cli.read_prompts(c.prompts)
+    prompts = cli.read_prompts(c.prompts, "--prompts")
     if not prompts:
         raise ValueError('no prompts: pass --prompts FILE.txt (one a line) or --prompts "a photo of a cat"')
     if not (c.ckpt or c.clip_l):

@@ -22,9 +22,10 @@ dataset is generated once and cached under --data-dir, shared by all runs with t
 
 import dataclasses
 import json
+import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,7 +48,8 @@ from discriminator import Discriminator, approx_r1, hinge_d_loss, hinge_g_loss
 @dataclass
 class Config:
     out: str = "runs/ladd"             # run folder: student, state, log.jsonl, comparison grids
-    resume: str = ""                   # a run folder to continue
+    resume: str = ""                   # a run folder to continue (its saved settings)
+    overwrite: bool = False            # start again in an --out that holds a run (replaces it)
     preset: str = "default"            # default | test (a few tiny steps, for tests)
     teacher: str = ""                  # MMDiT checkpoint file or run folder ("": the shipped one)
     task: str = "t2i"                  # t2i | inpaint (an inpainting teacher; shapes world)
@@ -80,7 +82,8 @@ class Config:
     distill_weight: float = 0.0        # weight of an ADD-style distillation loss (0: none, LADD)
     r1_weight: float = 0.0             # weight of the approximate R1 penalty on the heads
     grad_clip: float = 1.0             # clip both gradients to this norm
-    ema: float = 0.995                 # EMA decay of the student used for sampling
+    ema: float = 0.995                 # EMA decay of the student used for sampling ...
+    ema_warmup: int = 10               # ... ramped: min(ema, (1 + s) / (ema_warmup + s)) at step s
     sampler: str = "renoise"           # the student's sampler stored in its checkpoint
     checkpointing: str = "auto"        # gradient checkpointing: auto (on CUDA) | on | off
     compile: bool = False              # torch.compile the student's and teacher's blocks
@@ -93,6 +96,10 @@ class Config:
     max_minutes: float = 0.0           # stop after this wall time (0: no limit)
     memory_report: bool = False        # print estimated and measured memory per component
 
+
+# options a resumed run may change; every other one must equal the run's saved config
+MAY_CHANGE = ("steps", "max_minutes", "log_every", "grid_every", "ckpt_every", "judge_n",
+              "memory_report", "data_dir", "device", "compile", "checkpointing")
 
 PRESETS = {
     "default": {},
@@ -313,29 +320,38 @@ def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):
         images.save_strip(list(rows.values()), path, labels=list(rows))
 
 
+OPTION_RULES = {  # cli.check_options: each numeric option and what it allows
+    "data_size": cli.AT_LEAST_1, "batch_size": cli.AT_LEAST_1, "disc_hidden": cli.AT_LEAST_1,
+    "log_every": cli.AT_LEAST_1, "ema_warmup": cli.AT_LEAST_1, "steps": cli.COUNT,
+    "warmup": cli.COUNT, "data_steps": cli.COUNT, "grid_every": cli.COUNT,
+    "ckpt_every": cli.COUNT, "judge_n": cli.COUNT, "data_cfg": cli.NON_NEGATIVE,
+    "lr": cli.POSITIVE, "disc_lr": cli.POSITIVE, "t_hat_std": cli.POSITIVE,
+    "grad_clip": cli.POSITIVE, "t_hat_mean": cli.FINITE, "distill_weight": cli.NON_NEGATIVE,
+    "r1_weight": cli.NON_NEGATIVE, "max_minutes": cli.NON_NEGATIVE, "ema": cli.DECAY}
+
+
 def check_config(cfg):
     """Every option's value checked before any work -> the student's schedule (times, their
     probabilities, the warm-up's)."""
-    if cfg.task not in training.SHIPPED:
-        raise ValueError(f"--task {cfg.task!r}: choose one of {', '.join(training.SHIPPED)}")
-    if cfg.data not in ("synthetic", "real"):
-        raise ValueError(f"--data {cfg.data!r}: choose synthetic or real")
-    if cfg.checkpointing not in ("auto", "on", "off"):
-        raise ValueError(f"--checkpointing {cfg.checkpointing!r}: choose auto, on or off")
-    if cfg.sampler not in flow.SAMPLERS:
-        raise ValueError(f"--sampler {cfg.sampler!r}: choose one of {', '.join(flow.SAMPLERS)}")
+    choices = {"task": tuple(training.SHIPPED), "data": ("synthetic", "real"),
+               "checkpointing": ("auto", "on", "off"), "sampler": tuple(flow.SAMPLERS),
+               "optim_dtype": ("fp32", "bf16")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of "
+                             f"{', '.join(allowed)}")
+    cli.check_options(cfg, OPTION_RULES)
     times, probs = cli.parse_list(cfg.times, "times"), cli.parse_list(cfg.time_probs, "time-probs")
     warm = cli.parse_list(cfg.warmup_probs, "warmup-probs")
-    if not all(0 < t <= 1 for t in times) or times[0] != 1:
-        raise ValueError(f"--times {cfg.times}: want decreasing times in (0, 1] starting at 1")
+    if times[0] != 1 or not all(a > b for a, b in zip(times, times[1:] + [0])):
+        raise ValueError(f"--times {cfg.times}: want strictly decreasing times in (0, 1] starting "
+                         f"at 1, e.g. 1,0.75,0.5,0.25")
     for name, p in (("time-probs", probs), ("warmup-probs", warm)):
-        if len(p) != len(times) or min(p) < 0 or sum(p) <= 0:
-            raise ValueError(f"--{name} {','.join(map(str, p))}: want {len(times)} non-negative "
-                             f"weights, one per --times value")
-    if cfg.optim_dtype not in ("fp32", "bf16"):
-        raise ValueError(f"--optim-dtype {cfg.optim_dtype!r}: choose fp32 or bf16")
-    if cfg.batch_size < 1 or cfg.data_size < 1 or cfg.steps < 0:
-        raise ValueError("--batch-size and --data-size must be >= 1 and --steps >= 0")
+        text = f"--{name} {','.join(map(str, p))}"
+        if len(p) != len(times) or not all(math.isfinite(v) and v >= 0 for v in p):
+            raise ValueError(f"{text}: want {len(times)} finite weights >= 0, one per --times value")
+        if sum(p) <= 0:
+            raise ValueError(f"{text}: the weights sum to 0; make at least one positive")
     return times, probs, warm
 
 
@@ -359,13 +375,6 @@ def train(cfg):
         student.compile_blocks()
         teacher.compile_blocks()
 
-    os.makedirs(cfg.out, exist_ok=True)
-    if world.main:
-        weights.atomic_write(os.path.join(cfg.out, "config.json"),
-                             lambda f: f.write(json.dumps(asdict(cfg), indent=1).encode()))
-        teacher_pipe.vae.save_pretrained(os.path.join(cfg.out, "vae.safetensors"))
-    dataset = ladd_data.build_dataset(cfg, teacher_pipe, describe, take, world)
-    data_minutes = (time.time() - started) / 60
     run = StepSettings(amp, cfg.grad_clip, world, r1_weight=cfg.r1_weight)
     if cfg.distill_weight:
         u = take([0])[0]  # its uncond_* are the empty prompt's
@@ -384,7 +393,7 @@ def train(cfg):
     opt_d = training.make_optimizer(disc.parameters(), cfg.disc_lr, (0.0, 0.99), device)  # fp32
     state_path = os.path.join(cfg.out, "state.safetensors")
     start, skipped = 0, {"g": 0, "d": 0}
-    if cfg.resume and os.path.isfile(state_path):
+    if cfg.resume:  # cli.resolve_config checked that the state is there
         state = weights.load_state(state_path)
         world.load(student, state["student"])
         world.load(ema, state["ema"])
@@ -393,6 +402,9 @@ def train(cfg):
         opt_d.load_state_dict(state["opt_d"])
         start, skipped = state["step"], state["skipped"]
         print(f"resumed {cfg.out} at step {start}")
+    if world.main:
+        training.start_run(cfg)  # --overwrite clears the folder; config.json
+        teacher_pipe.vae.save_pretrained(os.path.join(cfg.out, "vae.safetensors"))
     student_pipe = pipeline.Pipeline(
         model=ema, text_encoder=teacher_pipe.text_encoder, vae=teacher_pipe.vae,
         defaults={"times": schedule[0], "steps": len(schedule[0]), "cfg": 1.0,
@@ -405,7 +417,10 @@ def train(cfg):
           f"{mmdit.count_params(teacher) / 1e6:.2f}M, {len(disc.blocks)} heads "
           f"{mmdit.count_params(disc) / 1e6:.2f}M; {cfg.steps} steps of {cfg.batch_size} on "
           f"{device} ({amp}) x {world.size} process(es){' (FSDP)' * sharded}")
-    logf = open(os.path.join(cfg.out, "log.jsonl"), "a") if world.main else None
+    ramp_ends = math.ceil((cfg.ema * cfg.ema_warmup - 1) / (1 - cfg.ema))
+    if cfg.ema_warmup > 1 and ramp_ends > cfg.steps:
+        print(f"EMA: decay ramps as (1 + s) / ({cfg.ema_warmup} + s), below --ema {cfg.ema} until "
+              f"step {ramp_ends} (--ema-warmup 1: constant)")
 
     def save(step, **extra):
         """Weights first, then the state that points past them; each file written atomically
@@ -425,42 +440,56 @@ def train(cfg):
                                     tree["student"])
             weights.save_state(tree, state_path)
 
+    try:  # generated once, then read from the cache (an interrupted generation continues)
+        dataset = ladd_data.build_dataset(cfg, teacher_pipe, describe, take, world)
+    except KeyboardInterrupt:
+        if not os.path.isfile(state_path):
+            save(start)
+        raise training.interrupted("train_ladd.py", cfg.out, start) from None
+    data_minutes = (time.time() - started) / 60
+    logf = training.open_log(os.path.join(cfg.out, "log.jsonl"),
+                             keep=lambda record: record["step"] < start) if world.main else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0, seen, step = time.time(), 0, start
     bar = tqdm(range(start, cfg.steps), desc="ladd", initial=start, total=cfg.steps,
                dynamic_ncols=True, disable=not world.main)
-    for step in bar:
-        batch = draw_batch(cfg, dataset, schedule, step, world, device)
-        fake_features, stats = generator_step(trained_student, teacher, disc, opt_g, batch, run)
-        stats.update(discriminator_step(teacher, trained_disc, opt_d, batch, fake_features, run))
-        skipped["g"] += stats.pop("g_skipped")
-        skipped["d"] += stats.pop("d_skipped")
-        training.ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))
-        if cfg.memory_report and step == start and world.main:
-            tqdm.write(training.memory_report(teacher, student, ema, disc, opt_g, opt_d, device,
-                                              world.size if sharded else 1)[1])
-        seen += len(batch.x0) * world.size
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            stats = world.mean(stats)
-            rate = seen / (time.time() - t0)
-            if logf:
-                logf.write(json.dumps({"step": step, **{k: round(v, 5) for k, v in stats.items()},
-                                       "skipped_g": skipped["g"], "skipped_d": skipped["d"],
-                                       "size": list(batch.x0.shape[-2:]),
-                                       "samples_per_s": round(rate, 2)}) + "\n")
-                logf.flush()
-            bar.set_postfix(d=f"{stats['d_loss']:.2f}", g=f"{stats['g_loss']:.2f}",
-                            real=f"{stats['logit_real']:.2f}", fake=f"{stats['logit_fake']:.2f}",
-                            refresh=False)
-        if cfg.grid_every and step % cfg.grid_every == 0 and (world.main or sharded):
-            comparison_grid(teacher_pipe, student_pipe, grid, world.main and
-                            os.path.join(cfg.out, f"grid_{step:06d}.png"), grid_cache)
-        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
-            save(step + 1)
-        if cfg.max_minutes and not world.all_true(time.time() - t0 <= 60 * cfg.max_minutes):
-            print(f"stopping after {cfg.max_minutes} minutes at step {step + 1}")
-            break
+    with training.finish_step_on_interrupt() as interrupt:  # Ctrl-C: finish the step, save
+        for step in bar:
+            batch = draw_batch(cfg, dataset, schedule, step, world, device)
+            fake_features, stats = generator_step(trained_student, teacher, disc, opt_g, batch, run)
+            stats.update(discriminator_step(teacher, trained_disc, opt_d, batch, fake_features, run))
+            skipped["g"] += stats.pop("g_skipped")
+            skipped["d"] += stats.pop("d_skipped")
+            training.ema_update(ema, student, min(cfg.ema, (1 + step) / (cfg.ema_warmup + step)))
+            if cfg.memory_report and step == start and world.main:
+                tqdm.write(training.memory_report(
+                    teacher, student, ema, disc, opt_g, opt_d, device, world.size if sharded else 1,
+                    teacher_dtype=amp if device.type == "cuda" else torch.float32)[1])  # load_teacher's
+            seen += len(batch.x0) * world.size
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                stats = world.mean(stats)
+                rate = seen / (time.time() - t0)
+                if logf:
+                    logf.write(json.dumps({"step": step, **{k: round(v, 5) for k, v in stats.items()},
+                                           "skipped_g": skipped["g"], "skipped_d": skipped["d"],
+                                           "size": list(batch.x0.shape[-2:]),
+                                           "samples_per_s": round(rate, 2)}) + "\n")
+                    logf.flush()
+                bar.set_postfix(d=f"{stats['d_loss']:.2f}", g=f"{stats['g_loss']:.2f}",
+                                real=f"{stats['logit_real']:.2f}", fake=f"{stats['logit_fake']:.2f}",
+                                refresh=False)
+            if cfg.grid_every and step % cfg.grid_every == 0 and (world.main or sharded):
+                comparison_grid(teacher_pipe, student_pipe, grid, world.main and
+                                os.path.join(cfg.out, f"grid_{step:06d}.png"), grid_cache)
+            if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+                save(step + 1)
+            if cfg.max_minutes and not world.all_true(time.time() - t0 <= 60 * cfg.max_minutes):
+                print(f"stopping after {cfg.max_minutes} minutes at step {step + 1}")
+                break
+            if not world.all_true(not interrupt.requested):
+                save(step + 1)
+                raise training.interrupted("train_ladd.py", cfg.out, step + 1)
     step = step + 1 if cfg.steps > start else start
     save(step)
     extra = {"data_minutes": f"{data_minutes:.1f}", "train_minutes": f"{(time.time() - t0) / 60:.1f}",
@@ -490,7 +519,8 @@ def train(cfg):
 
 
 def main(argv=None):
-    return cli.training_main(Config, PRESETS, train, argv, "train_ladd.py", __doc__)
+    return cli.training_main(Config, PRESETS, train, argv, "train_ladd.py", __doc__,
+                             may_change=MAY_CHANGE)
 
 
 if __name__ == "__main__":

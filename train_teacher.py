@@ -45,7 +45,8 @@ from images import save_grid
 @dataclass
 class Config:
     out: str = "runs/teacher"          # run folder: checkpoints, log.jsonl, sample grids
-    resume: str = ""                   # a run folder to continue
+    resume: str = ""                   # a run folder to continue (its saved settings)
+    overwrite: bool = False            # start again in an --out that holds a run (replaces it)
     preset: str = "default"            # default | quick (a few CPU minutes) | test (seconds)
     seed: int = 0                      # data, noise and init all derive from it
     device: str = "auto"               # auto: cuda, then mps, then cpu
@@ -86,6 +87,10 @@ class Config:
     judge_n: int = 256                 # captions judged at the end (0: skip)
     export: str = ""                   # also write the fp16 shipped files (below) into this folder
 
+
+# options a resumed run may change; every other one must equal the run's saved config
+MAY_CHANGE = ("steps", "max_minutes", "log_every", "sample_every", "ckpt_every", "judge_n",
+              "export", "workers", "device", "compile")
 
 PRESETS = {
     "default": {},
@@ -248,38 +253,84 @@ def preview(pipe, path, seed=0):
     save_grid(samples, path, nrow=4)
 
 
+OPTION_RULES = {  # cli.check_options: each numeric option and what it allows
+    "vae_steps": cli.COUNT, "vae_batch": cli.AT_LEAST_1, "vae_lr": cli.POSITIVE,
+    "kl_weight": cli.NON_NEGATIVE, "vae_max_minutes": cli.NON_NEGATIVE, "steps": cli.COUNT,
+    "batch_size": cli.AT_LEAST_1, "lr": cli.POSITIVE, "warmup": cli.AT_LEAST_1,
+    "weight_decay": cli.NON_NEGATIVE, "grad_clip": cli.POSITIVE, "ema": cli.DECAY,
+    "caption_dropout": (lambda v: 0 <= v <= 1, "a share in [0, 1]"), "t_mean": cli.FINITE,
+    "t_std": cli.POSITIVE, "max_minutes": cli.NON_NEGATIVE, "sample_steps": cli.AT_LEAST_1,
+    "sample_cfg": cli.NON_NEGATIVE, "sample_shift": cli.POSITIVE, "log_every": cli.AT_LEAST_1,
+    "sample_every": cli.COUNT, "ckpt_every": cli.COUNT, "judge_n": cli.COUNT,
+    "workers": (lambda v: v >= -1, "an integer >= 0, or -1 (auto)")}
+
+
+def check_config(cfg):
+    """Every option's value checked before any work (the VAE phase takes minutes)."""
+    for name, allowed in (("task", ("t2i", "inpaint")), ("vae_config", tuple(vae_lib.CONFIGS)),
+                          ("model_config", tuple(mmdit.CONFIGS))):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of "
+                             f"{', '.join(allowed)}")
+    cli.check_options(cfg, OPTION_RULES)
+    for name in ("vae", "init"):
+        path = getattr(cfg, name)
+        if path and not cfg.resume and not os.path.isfile(path):
+            raise ValueError(f"--{name} {path}: no such file (the shipped ones are in assets/)")
+
+
+def teacher_config(cfg, vae_config):
+    """-> (the teacher's MMDiT config: --model-config fitted to the VAE's latents, the world's
+    sizes and the text encoder; the --init model, or None)."""
+    base = mmdit.CONFIGS[cfg.model_config]
+    tokens = max(max(s) for s in shapes.SIZES.values()) // (vae_config.factor * base.patch_size)
+    z = vae_config.z_channels
+    mcfg = dataclasses.replace(base, in_channels=2 * z + 1 if cfg.task == "inpaint" else z,
+                               pos_embed_max_size=max(base.pos_embed_max_size, tokens),
+                               out_channels=z, context_dim=TEXT_ENCODER["dim"],
+                               pooled_dim=TEXT_ENCODER["pooled_dim"])
+    init = mmdit.MMDiT.from_pretrained(cfg.init) if cfg.init and not cfg.resume else None
+    if init is not None and dataclasses.replace(init.config, in_channels=mcfg.in_channels) != mcfg:
+        raise ValueError(f"--init {cfg.init}: its architecture differs from --model-config "
+                         f"{cfg.model_config} with the VAE's {z} latent channels")
+    return mcfg, init
+
+
 def train(cfg):
-    if cfg.task not in ("t2i", "inpaint"):
-        raise ValueError(f"--task {cfg.task!r}: choose t2i or inpaint")
+    check_config(cfg)
     world, device = training.init_world(cfg.device, cfg.batch_size)
     amp = cli.pick_dtype(cfg.dtype, device)
     workers = cfg.workers if cfg.workers >= 0 else (0 if device.type == "cpu" else
                                                      min(8, max(1, (os.cpu_count() or 2) - 2)))
-    os.makedirs(cfg.out, exist_ok=True)
     state_path = os.path.join(cfg.out, "state.safetensors")
-    state = weights.load_state(state_path) if cfg.resume and os.path.isfile(state_path) else None
-    logf = open(os.path.join(cfg.out, "log.jsonl"), "a") if world.main else None
+    state = weights.load_state(state_path) if cfg.resume else None  # resolve_config: it is there
+    start = state["step"] if state else 0
+    vae_path = os.path.join(cfg.out, "vae.safetensors")
+    given_vae = vae_lib.VAE.from_pretrained(cfg.vae) if cfg.vae and not cfg.resume else None
+    vae_config = (vae_lib.VAE.from_pretrained(vae_path).config if cfg.resume else
+                  given_vae.config if given_vae else vae_lib.CONFIGS[cfg.vae_config])
+    mcfg, init = teacher_config(cfg, vae_config)  # checked before the VAE phase's minutes
+    if world.main:
+        training.start_run(cfg)  # --overwrite clears the folder; config.json
+    # the VAE phase's records, then the teacher's steps before the saved state
+    keep = lambda r: r.get("phase", "").startswith("vae") or r["step"] < start  # noqa: E731
+    logf = training.open_log(os.path.join(cfg.out, "log.jsonl"), keep) if world.main else None
 
     def log(record):
         if logf:
             logf.write(json.dumps(record) + "\n")
             logf.flush()
 
-    if world.main:
-        weights.atomic_write(os.path.join(cfg.out, "config.json"),
-                             lambda f: f.write(json.dumps(asdict(cfg), indent=1).encode()))
-
     # phase 1 (skipped when the run already has its VAE); one process: rank 0, the others wait
-    vae_path = os.path.join(cfg.out, "vae.safetensors")
-    if cfg.vae and not cfg.resume:
-        if not os.path.isfile(cfg.vae):
-            raise SystemExit(f"error: --vae {cfg.vae}: no such file; train one (leave --vae "
-                             "empty) or pass the shipped assets/shapes_vae.safetensors")
+    if given_vae is not None:
         if world.main:
-            vae_lib.VAE.from_pretrained(cfg.vae).save_pretrained(vae_path,
-                                                                 weights.load_metadata(cfg.vae))
+            given_vae.save_pretrained(vae_path, weights.load_metadata(cfg.vae))
     elif not (cfg.resume and os.path.isfile(vae_path)) and world.main:
-        vae = train_vae(cfg, device, amp, workers, log).eval().requires_grad_(False)
+        try:
+            vae = train_vae(cfg, device, amp, workers, log).eval().requires_grad_(False)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt("in the VAE phase, which does not resume; start again with "
+                                    f"--overwrite --out {cfg.out}") from None
         recon = judge_reconstructions(vae, cfg.judge_n, 99, device) if cfg.judge_n else {}
         print("vae reconstructions judged:", json.dumps(recon))
         log({"phase": "vae_judge", **recon})
@@ -293,21 +344,9 @@ def train(cfg):
     # phase 2
     text_encoder = shapes.ShapesTextEncoder(TEXT_ENCODER["dim"], TEXT_ENCODER["pooled_dim"],
                                             TEXT_ENCODER["seed"]).to(device)
-    base = mmdit.CONFIGS[cfg.model_config]
-    tokens = max(max(s) for s in shapes.SIZES.values()) // (vae.config.factor * base.patch_size)
-    z = vae.config.z_channels
-    mcfg = dataclasses.replace(base, in_channels=2 * z + 1 if cfg.task == "inpaint" else z,
-                               pos_embed_max_size=max(base.pos_embed_max_size, tokens),
-                               out_channels=vae.config.z_channels,
-                               context_dim=text_encoder.context_dim,
-                               pooled_dim=text_encoder.pooled_dim)
     torch.manual_seed(cfg.seed)
     model = mmdit.MMDiT(mcfg).to(device)
-    if cfg.init:
-        init = mmdit.MMDiT.from_pretrained(cfg.init)
-        if dataclasses.replace(init.config, in_channels=mcfg.in_channels) != mcfg:
-            raise ValueError(f"--init {cfg.init}: its architecture differs from --model-config "
-                             f"{cfg.model_config} with the VAE's {z} latent channels")
+    if init is not None:
         model.load_state_dict(widen_input(init.state_dict(), mcfg.in_channels))
     ema = mmdit.MMDiT(mcfg).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -316,12 +355,10 @@ def train(cfg):
     if cfg.compile:
         model.compile_blocks()
     trained = world.wrap(model, device)  # DDP with several processes
-    start = 0
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
-        start = state["step"]
         print(f"resumed {cfg.out} at step {start}")
     print(f"teacher: {mmdit.count_params(model) / 1e6:.1f}M params, {cfg.steps} steps of "
           f"{cfg.batch_size} on {device} ({amp}) x {world.size} process(es), {workers} data workers")
@@ -341,42 +378,46 @@ def train(cfg):
     t0, seen, step = time.time(), 0, start
     bar = tqdm(range(start, cfg.steps), desc="teacher", initial=start, total=cfg.steps,
                dynamic_ncols=True, disable=not world.main)
-    for step in bar:
-        images, captions = next(data)                                   # the global batch
-        g = training.step_generator(cfg.seed, step, device)
-        captions = world.rows(drop_captions(captions, cfg.caption_dropout, g))
-        with torch.no_grad():
-            x0 = vae.encode(world.rows(images).to(device))              # [B / N, z, h, w]
-            context, pooled = text_encoder.encode(captions)
-            known = None
-            if cfg.task == "inpaint":  # a mask per image of the global batch, then this rank's
-                rng = np.random.default_rng([cfg.seed, step, 1])
-                masks = world.rows(torch.stack([inpainting.random_mask(im, rng) for im in images]))
-                m = inpainting.latent_mask(masks, vae.config.factor).to(device)  # [B / N, 1, h, w]
-                known = inpainting.known_channels(x0, m)                   # [B / N, 1 + z, h, w]
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with training.autocast(device, amp):
-            loss = flow_loss(trained, x0, context, pooled, g, cfg.t_mean, cfg.t_std, world, known)
-        gnorm, skipped = training.update(opt, loss, model.parameters(), cfg.grad_clip, world)
-        if not skipped:
-            training.ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
-        seen += cfg.batch_size
-        if step % cfg.log_every == 0:
-            rate = seen / (time.time() - t0)
-            mean_loss = world.mean({"loss": loss.item()})["loss"]
-            log({"phase": "teacher", "step": step, "loss": mean_loss, "grad_norm": gnorm,
-                 "lr": lr, "samples_per_s": rate})
-            bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{rate:.0f}", refresh=False)
-        if (cfg.sample_every and step % cfg.sample_every == 0 and step > start and world.main
-                and cfg.task == "t2i"):
-            preview(pipe, os.path.join(cfg.out, f"samples_{step:06d}.png"))
-        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
-            save_state(step + 1)
-        if cfg.max_minutes and not world.all_true(time.time() - t0 <= 60 * cfg.max_minutes):
-            print(f"stopping after {cfg.max_minutes} minutes at step {step + 1}")
-            break
+    with training.finish_step_on_interrupt() as interrupt:  # Ctrl-C: finish the step, save
+        for step in bar:
+            images, captions = next(data)                                   # the global batch
+            g = training.step_generator(cfg.seed, step, device)
+            captions = world.rows(drop_captions(captions, cfg.caption_dropout, g))
+            with torch.no_grad():
+                x0 = vae.encode(world.rows(images).to(device))              # [B / N, z, h, w]
+                context, pooled = text_encoder.encode(captions)
+                known = None
+                if cfg.task == "inpaint":  # a mask per image of the global batch, then this rank's
+                    rng = np.random.default_rng([cfg.seed, step, 1])
+                    masks = world.rows(torch.stack([inpainting.random_mask(im, rng) for im in images]))
+                    m = inpainting.latent_mask(masks, vae.config.factor).to(device)  # [B / N, 1, h, w]
+                    known = inpainting.known_channels(x0, m)                   # [B / N, 1 + z, h, w]
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with training.autocast(device, amp):
+                loss = flow_loss(trained, x0, context, pooled, g, cfg.t_mean, cfg.t_std, world, known)
+            gnorm, skipped = training.update(opt, loss, model.parameters(), cfg.grad_clip, world)
+            if not skipped:
+                training.ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
+            seen += cfg.batch_size
+            if step % cfg.log_every == 0:
+                rate = seen / (time.time() - t0)
+                mean_loss = world.mean({"loss": loss.item()})["loss"]
+                log({"phase": "teacher", "step": step, "loss": mean_loss, "grad_norm": gnorm,
+                     "lr": lr, "samples_per_s": rate})
+                bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{rate:.0f}", refresh=False)
+            if (cfg.sample_every and step % cfg.sample_every == 0 and step > start and world.main
+                    and cfg.task == "t2i"):
+                preview(pipe, os.path.join(cfg.out, f"samples_{step:06d}.png"))
+            if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+                save_state(step + 1)
+            if cfg.max_minutes and not world.all_true(time.time() - t0 <= 60 * cfg.max_minutes):
+                print(f"stopping after {cfg.max_minutes} minutes at step {step + 1}")
+                break
+            if not world.all_true(not interrupt.requested):
+                save_state(step + 1)
+                raise training.interrupted("train_teacher.py", cfg.out, step + 1)
     step = step + 1 if cfg.steps > start else start
     save_state(step)
     if not world.main:  # rank 0 judges and writes; the weights are the same on every rank
@@ -419,7 +460,9 @@ def export(cfg, vae, ema, step, extra):
 
 
 def main(argv=None):
-    return cli.training_main(Config, PRESETS, train, argv, "train_teacher.py", __doc__)
+    return cli.training_main(Config, PRESETS, train, argv, "train_teacher.py", __doc__,
+                             may_change=MAY_CHANGE,
+                             resume_needs=("state.safetensors", "vae.safetensors"))
 
 
 if __name__ == "__main__":

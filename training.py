@@ -5,10 +5,13 @@ with bf16 moments, checkpoint metadata, and memory accounting.
 """
 
 import atexit
+import contextlib
 import datetime
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,6 +20,7 @@ import torch.distributed as dist
 import cli
 import flow
 import mmdit
+import weights
 
 SHIPPED = {"t2i": "shapes_teacher.safetensors",             # assets/: the shapes world's teachers
            "inpaint": "shapes_inpaint_teacher.safetensors"}
@@ -249,13 +253,84 @@ def checkpoint_metadata(script, cfg, text_encoder, vae, sampler, sizes, **extra)
 
 
 # ----------------------------------------------------------------------------------------------
+# run folders: nothing of a run is lost or mixed with another's
+
+
+RUN_OUTPUTS = ("config.json", "log.jsonl", "state.safetensors", "model.safetensors",
+               "student.safetensors", "vae.safetensors")
+
+
+def start_run(cfg):
+    """Before a run writes into cfg.out: with --overwrite, remove what an earlier run wrote there
+    (weights, state, log, pictures; other files stay); then save the run's config.json.
+    (cli.resolve_config has already refused a folder holding a run without --overwrite.)"""
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.overwrite:
+        for name in os.listdir(cfg.out):
+            if name in RUN_OUTPUTS or name.endswith(".png") and name.startswith(("grid", "samples")):
+                os.remove(os.path.join(cfg.out, name))
+    weights.atomic_write(os.path.join(cfg.out, "config.json"),
+                         lambda f: f.write(json.dumps(asdict(cfg), indent=1).encode()))
+
+
+def open_log(path, keep=lambda record: True):
+    """log.jsonl, to append to. A resumed run first drops the records that `keep` rejects (the
+    steps logged after its last saved state), so the log holds every step once."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and keep(json.loads(line))]
+        weights.atomic_write(path, lambda f: f.write("".join(lines).encode()))
+    return open(path, "a")
+
+
+@contextlib.contextmanager
+def finish_step_on_interrupt():
+    """Within: the first Ctrl-C only sets `.requested`, so the training loop finishes its step
+    and saves an exact, resumable state; a second Ctrl-C stops at once (KeyboardInterrupt)."""
+    flag = type("Interrupt", (), {"requested": False})()
+
+    def handle(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print("\nCtrl-C: finishing this step, then saving (Ctrl-C again to stop at once)",
+              file=sys.stderr)
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main one
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def interrupted(script, out, step):
+    """What a run stopped by Ctrl-C raises once its state is saved (cli.run_cli: exit 130)."""
+    return KeyboardInterrupt(f"stopped at step {step} with its state saved in {out}; continue "
+                             f"with: python {script} --resume {out}")
+
+
+# ----------------------------------------------------------------------------------------------
 # memory
 
 
-def tensor_bytes(tensors):
-    """Bytes held by this process (an FSDP tensor: its local shard)."""
-    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
+def tensor_bytes(tensors, seen=None):
+    """Bytes of the storages these tensors live in (an FSDP tensor: its local shard's), each
+    storage counted once, by its address; pass one `seen` set to several calls to count a storage
+    only in the first. A view of a bigger storage counts all of it, so a tensor in another dtype,
+    storage shared between components or over-allocated shows against a planned size."""
+    seen = set() if seen is None else seen
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        storage = (t.to_local() if hasattr(t, "to_local") else t).untyped_storage()
+        key = (storage.device, storage.data_ptr())
+        if storage.nbytes() and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
 
 
 def rss_peak_bytes():
@@ -265,28 +340,48 @@ def rss_peak_bytes():
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def memory_report(teacher, student, ema, disc, opt_g, opt_d, device, shards=1):
-    """(rows, text): each component's bytes estimated from its parameter count and the dtype plan
-    (teacher in its dtype; student, its gradients, AdamW's two moments and the EMA in fp32;
-    heads the same) next to the bytes its tensors really hold after a step; then the measured
-    peak: on CUDA the allocator's since the last reset (weights + activations and temporaries),
-    elsewhere the process's peak resident memory (also data, libraries, the interpreter).
-    shards: the student's parts are split over this many FSDP processes; the rows are per rank."""
-    n_t, n_s, n_d = (mmdit.count_params(m) for m in (teacher, student, disc))
-    n_s //= shards
+def memory_report(teacher, student, ema, disc, opt_g, opt_d, device, shards=1, teacher_dtype=None):
+    """(rows, text): each component's bytes planned next to the bytes its tensors hold after a step.
+
+    estimated: the plan, from element counts only: each module's weights (parameters, and buffers
+    such as pos_embed) and the student's gradients and moments, times the bytes the dtype plan
+    gives them: the teacher in `teacher_dtype` (None: the dtype it was loaded in, its first
+    parameter's); the student, its gradients and the EMA in fp32; AdamW's two moments in opt_g's
+    state dtype (fp32 for torch's AdamW); the heads 16 bytes a parameter (fp32 weights,
+    gradients, two moments). measured: the storages the tensors live in, each counted once
+    (tensor_bytes), so a tensor in an unplanned dtype, storage shared by two components or a
+    view of a bigger buffer shows as a difference. Then the measured peak: on CUDA the
+    allocator's since the last reset (weights + activations and temporaries), elsewhere the
+    process's peak resident memory (also data, libraries, the interpreter).
+    shards: the student's and EMA's parameters are split over this many FSDP processes (their
+    buffers are not); the rows are per rank."""
+    def n_buffers(module):
+        return sum(b.numel() for b in module.buffers())
+
+    def tensors(module):  # what a module's weights row holds
+        return [*module.parameters(), *module.buffers()]
+
+    n_t = mmdit.count_params(teacher) + n_buffers(teacher)
+    n_s = mmdit.count_params(student) // shards                 # per rank, also the EMA's
+    n_w = n_s + n_buffers(student)                              # the student's weights
+    n_d, n_db = mmdit.count_params(disc), n_buffers(disc)
     moments = [v for opt in (opt_g,) for state in opt.state.values() for v in state.values()
                if torch.is_tensor(v) and v.dim()]
-    heads = [*disc.parameters(), *(p.grad for p in disc.parameters()),
+    heads = [*tensors(disc), *(p.grad for p in disc.parameters()),
              *(v for state in opt_d.state.values() for v in state.values()
                if torch.is_tensor(v) and v.dim())]
-    tb = next(teacher.parameters()).element_size()
-    mb = torch.empty((), dtype=cli.DTYPES[opt_g.defaults.get("state_dtype", "fp32")]).element_size()
-    rows = [("teacher weights (frozen)", n_t * tb, tensor_bytes(teacher.parameters())),
-            ("student weights (fp32 master)", 4 * n_s, tensor_bytes(student.parameters())),
-            ("student gradients", 4 * n_s, tensor_bytes(p.grad for p in student.parameters())),
-            ("student AdamW moments", 2 * mb * n_s, tensor_bytes(moments)),
-            ("student EMA", 4 * n_s, tensor_bytes(ema.parameters())),
-            ("heads: weights, gradients, AdamW", 16 * n_d, tensor_bytes(heads))]
+    tb = (teacher_dtype or next(teacher.parameters()).dtype).itemsize
+    mb = cli.DTYPES[opt_g.defaults.get("state_dtype", "fp32")].itemsize
+    seen = set()  # a storage counts once, in the first row that holds it
+
+    def held(ts):
+        return tensor_bytes(ts, seen)
+    rows = [("teacher weights (frozen)", tb * n_t, held(tensors(teacher))),
+            ("student weights (fp32 master)", 4 * n_w, held(tensors(student))),
+            ("student gradients", 4 * n_s, held(p.grad for p in student.parameters())),
+            ("student AdamW moments", 2 * mb * n_s, held(moments)),
+            ("student EMA", 4 * n_w, held(tensors(ema))),
+            ("heads: weights, gradients, AdamW", 16 * n_d + 4 * n_db, held(heads))]
     rows.append(("held in all", sum(r[1] for r in rows), sum(r[2] for r in rows)))
     if device.type == "cuda":
         rows.append(("peak allocated (+ activations)", None, torch.cuda.max_memory_allocated(device)))

@@ -18,6 +18,7 @@ diffusers folder layout (sharded files with an index JSON), and `load_strict`, t
 compares a checkpoint with a model and explains a mismatch.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -171,17 +172,31 @@ def load_metadata(path):
     return read_header(path)[1]
 
 
+def tensors_sha256(path):
+    """sha256 of a file's tensors: names, dtypes, shapes and bytes, not the metadata (the same
+    weights saved with other notes have the same digest). Reads the file once, in chunks."""
+    infos, _, start = _read_header(path)
+    digest = hashlib.sha256(json.dumps([[n, str(i.dtype), list(i.shape), i.begin, i.end]
+                                        for n, i in infos.items()]).encode())
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
 # writing
 
 
 def save_file(tensors, path, metadata=None):
     """Write {name: Tensor} as safetensors, atomically (a temporary file, then a rename), with
-    optional {str: str} metadata. Tensors are written contiguous and little-endian."""
+    optional {str: str} metadata. Tensors are written contiguous and little-endian, one at a time:
+    a tensor on a GPU is copied to the CPU just before it is written, never the whole state."""
     metadata = metadata or {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("save_file: metadata must map strings to strings (json.dumps values)")
-    header, arrays, pos = {}, [], 0
+    header, pos = {}, 0
     if metadata:
         header["__metadata__"] = metadata
     for name in sorted(tensors):
@@ -191,20 +206,25 @@ def save_file(tensors, path, metadata=None):
         if t.dtype not in DTYPE_NAMES:
             raise ValueError(f"save_file: {name!r} has dtype {t.dtype}, which safetensors "
                              f"cannot store (supported: {', '.join(DTYPES)})")
-        flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [pos, pos + flat.nbytes]}
-        arrays.append(flat)
-        pos += flat.nbytes
+                        "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # pad so the data part starts 8-byte aligned
 
     def write(f):
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
-        for a in arrays:
-            f.write(memoryview(a))
+        for name in sorted(tensors):
+            f.write(memoryview(raw_bytes(tensors[name])))
     atomic_write(path, write)
+
+
+def raw_bytes(t):
+    """A tensor's bytes on the CPU, contiguous: [numel * element size] uint8 (a copy only when
+    it lives elsewhere or is not contiguous)."""
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def atomic_write(path, write):

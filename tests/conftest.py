@@ -1,6 +1,7 @@
 """Shared test helpers: a tiny self-describing checkpoint and a one-thread fixture."""
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -84,3 +85,21 @@ def expect_one_line_error(main, capsys, argv, *words):
     for w in words:
         assert w in err, err
     return err
+
+
+def read_only(folder, monkeypatch):
+    """Make `folder` read-only (mode 555). Root writes anywhere, so for root the creation of a
+    file in it (or below it) is refused the way the system refuses anyone else."""
+    folder.chmod(0o555)
+    try:
+        (folder / ".probe").write_bytes(b"")
+    except PermissionError:
+        return
+    os.remove(folder / ".probe")
+    real = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and os.path.abspath(dir).startswith(os.path.abspath(folder)):
+            raise PermissionError(13, "Permission denied", dir)
+        return real(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)

@@ -1,6 +1,7 @@
 """Tests for evaluate.py: the real CLI on a tiny self-describing checkpoint (rows, columns, NFE,
 determinism, files), the Fréchet distance on its own, and one-line errors."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import evaluate
 import metrics
 import pipeline
 import shapes
-from conftest import expect_one_line_error, make_checkpoint
+from conftest import expect_one_line_error, make_checkpoint, read_only
 
 ONE_THREAD = True
 
@@ -100,3 +101,63 @@ def test_bad_inputs_are_one_line_errors(teacher, tmp_path, capsys):
     expect_error(capsys, ["--ckpt", teacher, "--sampler", "heun", *out], "heun")
     expect_error(capsys, ["--ckpt", teacher, "--n", "1", *out[:-3]], "--n 1")
     assert not (tmp_path / "o").exists()  # failed runs write nothing
+
+
+def files(folder):
+    """Every file under `folder` -> its bytes; None when there is no such folder."""
+    if not os.path.exists(folder):
+        return None
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(folder) for f in names}
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """A model loaded or run fails the test: the checks must come first."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded or run before the options were checked")
+    monkeypatch.setattr(pipeline, "load_pipeline", fail)
+    monkeypatch.setattr(pipeline, "generate", fail)
+
+
+def test_bad_option_values_fail_before_any_work(teacher, tmp_path, capsys, no_loading):
+    student = make_checkpoint(str(tmp_path / "student_run"), {"times": [1.0, 0.5], "cfg": 1.0})
+    two = ["--ckpt", teacher, "--ckpt", teacher]
+    cases = [
+        (["--ckpt", teacher, "--cfg", "nan"], "--cfg nan", "finite number >= 0", "1 = unguided"),
+        ([*two, "--cfg", "3", "--cfg", "nan"], "--cfg nan"),               # the second row's
+        (["--ckpt", teacher, "--cfg", "-2"], "--cfg -2.0", ">= 0"),
+        (["--ckpt", teacher, "--steps", "0"], "--steps 0", "integer >= 1"),
+        (["--ckpt", teacher, "--shift", "inf"], "--shift inf", "finite number > 0"),
+        (["--ckpt", teacher, "--shift", "-1"], "--shift -1.0", "> 0"),
+        (["--ckpt", teacher, "--n", "0"], "--n 0", "at least 2"),
+        (["--ckpt", teacher, "--seed", "-1"], "--seed -1", ">= 0"),
+        (["--ckpt", teacher, "--ckpt", student, "--shift", "3"], "--shift 3.0", student, "student",
+         "trained times", "teacher"),
+    ]
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "results.md").write_bytes(b"an earlier result")
+    for out in (tmp_path / "fresh" / "out", existing):
+        for argv, *words in cases:
+            before = files(out)
+            expect_error(capsys, ["--n", "4", *argv, "--device", "cpu", "--out", str(out), "--quiet"],
+                         *words)
+            assert files(out) == before
+    (tmp_path / "a_file").write_text("")
+    expect_error(capsys, ["--ckpt", teacher, "--out", str(tmp_path / "a_file" / "out")],
+                 "--out", "a_file", "cannot write")
+    assert (tmp_path / "a_file").read_text() == ""
+
+
+def test_read_only_out_fails_before_evaluating(teacher, tmp_path, capsys, no_loading, monkeypatch):
+    out = tmp_path / "ro"
+    out.mkdir()
+    (out / "results.md").write_bytes(b"an earlier result")
+    read_only(out, monkeypatch)
+    try:
+        expect_error(capsys, ["--ckpt", teacher, "--n", "4", "--out", str(out), "--quiet"],
+                     f"--out {out}", "cannot write", "Permission denied")
+        assert files(out) == {"results.md": b"an earlier result"}
+    finally:
+        out.chmod(0o755)

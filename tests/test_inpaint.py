@@ -18,7 +18,7 @@ import metrics
 import pipeline
 import shapes
 from conftest import (expect_one_line_error, make_checkpoint, make_inpainting_checkpoint,  # tiny checkpoints
-                      read_png, PROMPTS)
+                      read_only, read_png, PROMPTS)
 
 ONE_THREAD = True
 
@@ -197,6 +197,76 @@ def test_bad_inputs_are_one_line_errors(ckpt, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # failed runs write nothing
 
 
+def files(folder):
+    """Every file under `folder` -> its bytes; None when there is no such folder."""
+    if not os.path.exists(folder):
+        return None
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(folder) for f in names}
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """A model loaded or run fails the test: the checks must come first."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded or run before the options were checked")
+    for name in ("load_pipeline", "generate"):
+        monkeypatch.setattr(pipeline, name, fail)
+    for name in ("inpaint", "inpaint_latents"):
+        monkeypatch.setattr(inpainting, name, fail)
+
+
+def test_bad_option_values_fail_before_any_work(ckpt, tmp_path, capsys, no_loading):
+    images.save_png(image(), tmp_path / "in.png")
+    images.save_png(torch.ones(3, 16, 24), tmp_path / "m.png")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00a red circle\x00\x89PNG")
+    inputs = ["--ckpt", ckpt, "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png")]
+    base = [*inputs, "--prompt", PROMPTS[0]]
+    cases = [
+        ([*base, "--cfg", "nan"], "--cfg nan", "finite number >= 0", "1 = unguided"),
+        ([*base, "--cfg", "-1"], "--cfg -1.0", ">= 0"),
+        ([*base, "--steps", "0"], "--steps 0", "integer >= 1"),
+        ([*base, "--resample", "-1"], "--resample -1", ">= 0"),
+        ([*base, "--feather", "-2"], "--feather -2", ">= 0"),
+        ([*inputs, "--prompt", str(tmp_path / "binary.txt")], "--prompt", "binary.txt", "UTF-8",
+         "one prompt a line"),
+        (["--ckpt", ckpt, "--eval", "-1"], "--eval -1", ">= 0"),
+        (["--ckpt", ckpt, "--eval", "2", "--seed", "-1"], "--seed -1", ">= 0", "--eval"),
+        (["--ckpt", ckpt, "--eval", "2", "--cfg", "inf"], "--cfg inf"),
+    ]
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "out.png").write_bytes(b"an earlier result")
+    for out in (tmp_path / "fresh" / "out", existing):
+        for argv, *words in cases:
+            before = files(out)
+            expect_error(capsys, [*argv, "--out", str(out), "--quiet"], *words)
+            assert files(out) == before
+    (tmp_path / "a_file").write_text("")
+    for argv in (base, ["--ckpt", ckpt, "--eval", "2"]):
+        expect_error(capsys, [*argv, "--out", str(tmp_path / "a_file" / "out")], "--out", "a_file",
+                     "cannot write")
+        expect_error(capsys, [*argv, "--out", str(tmp_path / "a_file")], "--out", "is a file")
+    assert (tmp_path / "a_file").read_text() == ""
+
+
+def test_read_only_out_fails_before_inpainting(ckpt, tmp_path, capsys, no_loading, monkeypatch):
+    images.save_png(image(), tmp_path / "in.png")
+    images.save_png(torch.ones(3, 16, 24), tmp_path / "m.png")
+    out = tmp_path / "ro"
+    out.mkdir()
+    (out / "out.png").write_bytes(b"an earlier result")
+    read_only(out, monkeypatch)
+    try:
+        for argv in (["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"),
+                      "--prompt", PROMPTS[0]], ["--eval", "2"]):
+            expect_error(capsys, ["--ckpt", ckpt, *argv, "--out", str(out), "--quiet"],
+                         f"--out {out}", "cannot write", "Permission denied")
+        assert files(out) == {"out.png": b"an earlier result"}
+    finally:
+        out.chmod(0o755)
+
+
 @pytest.mark.skipif(not os.path.isfile(TEACHER), reason="needs assets/shapes_teacher.safetensors")
 def test_shipped_teacher_repaints_an_object():
     """Mask the square's box, ask for a green triangle there: the blue is gone, green appears
@@ -294,3 +364,7 @@ def test_edit_evaluation_and_its_cli(inpainter, ckpt, tmp_path, capsys):
     assert '"kept": 1.0' in capsys.readouterr().out and (tmp_path / "e" / "edits.json").is_file()
     expect_error(capsys, ["--ckpt", ckpt, "--eval", "2", "--image", "x.png"], "--eval", "--image")
     expect_error(capsys, ["--ckpt", ckpt], "--image", "--eval")
+    out = tmp_path / "never"
+    expect_error(capsys, ["--ckpt", inpainter.path, "--eval", "2", "--resample", "1", "--out", str(out)],
+                 "--resample 1", "training-free", "inpainting model")
+    assert not out.exists()

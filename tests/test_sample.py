@@ -15,7 +15,7 @@ import pipeline
 import sample
 import shapes
 import weights
-from conftest import expect_one_line_error, read_png, PROMPTS, make_checkpoint
+from conftest import expect_one_line_error, read_png, read_only, PROMPTS, make_checkpoint
 
 ONE_THREAD = True
 P = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt", PROMPTS[2]]
@@ -219,6 +219,86 @@ def test_bad_inputs_are_one_line_errors(teacher, tmp_path, capsys):
     expect_error(capsys, base + ["--sampler", "heun"], "heun")
     expect_error(capsys, base[:-3] + ["--out", teacher], "is a file")
     assert not (tmp_path / "o").exists()  # failed runs write nothing
+
+
+def files(folder):
+    """Every file under `folder` -> its bytes (a file: its bytes); None when there is no such folder."""
+    if not os.path.exists(folder):
+        return None
+    if os.path.isfile(folder):
+        return open(folder, "rb").read()
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(folder) for f in names}
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """A model loaded or run fails the test: the checks must come first."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded or run before the options were checked")
+    monkeypatch.setattr(pipeline, "load_pipeline", fail)
+    monkeypatch.setattr(pipeline, "generate", fail)
+
+
+def expect_nothing_written(capsys, argv, out, *words):
+    """expect_error, and --out as it was: its files' bytes unchanged, a fresh --out not made."""
+    before = files(out)
+    err = expect_error(capsys, [*argv, "--out", str(out), "--quiet"], *words)
+    assert files(out) == before
+    return err
+
+
+def test_bad_option_values_fail_before_any_work(teacher, student, tmp_path, capsys, no_loading):
+    base = ["--ckpt", teacher, "--prompt", PROMPTS[0]]
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00a red circle\x00\x89PNG")
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["--cfg", "nan"], "--cfg nan", "finite number >= 0", "1 = unguided"),
+        (["--cfg", "inf"], "--cfg inf", ">= 0"),
+        (["--cfg", "-1"], "--cfg -1.0", ">= 0"),
+        (["--shift", "nan"], "--shift nan", "finite number > 0"),
+        (["--shift", "0"], "--shift 0.0", "> 0"),
+        (["--steps", "0"], "--steps 0", "integer >= 1"),
+        (["--batch-size", "0"], "--batch-size 0", "integer >= 1"),
+        (["--width", "0"], "--width 0", "> 0"),
+        (["--height", "-16"], "--height -16", "> 0"),
+        (["--init-image", "in.png", "--strength", "1.5"], "--strength 1.5", "[0, 1]"),
+        (["--init-image", "in.png", "--strength", "nan"], "--strength nan", "[0, 1]"),
+        (["--ckpt", student, "--shift", "3"], "--shift 3.0", student, "student", "trained times",
+         "teacher"),
+        (["--prompt", str(tmp_path / "binary.txt")], "--prompt", "binary.txt", "UTF-8",
+         "one prompt a line"),
+    ]
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "000.png").write_bytes(b"an earlier result")
+    for out in (tmp_path / "fresh" / "out", existing):
+        for extra, *words in cases:
+            argv = base + extra if extra[0] != "--prompt" else ["--ckpt", teacher, *extra]
+            expect_nothing_written(capsys, argv, out, *words)
+    for out in (tmp_path / "a_file" / "out", tmp_path / "a_file"):  # cannot be made
+        expect_nothing_written(capsys, base, out, "--out", "a_file")
+    assert (tmp_path / "a_file").read_text() == ""
+
+
+def test_a_size_that_does_not_fit_names_the_valid_ones(teacher, tmp_path, capsys):
+    expect_nothing_written(capsys, ["--ckpt", teacher, "--prompt", PROMPTS[0], "--width", "30"],
+                           tmp_path / "o", "30x16", "multiples of 4", "28x16 or 32x16",
+                           "trained sizes: 16x16, 24x16")
+
+
+def test_read_only_out_fails_before_sampling(teacher, tmp_path, capsys, no_loading, monkeypatch):
+    out = tmp_path / "ro"
+    out.mkdir()
+    (out / "old.png").write_bytes(b"an earlier result")
+    read_only(out, monkeypatch)
+    try:
+        for where in (out, out / "sub"):
+            expect_nothing_written(capsys, ["--ckpt", teacher, "--prompt", PROMPTS[0]], where,
+                                   f"--out {where}", "cannot write", "Permission denied")
+        assert files(out) == {"old.png": b"an earlier result"}
+    finally:
+        out.chmod(0o755)
 
 
 def test_image_helpers(tmp_path):

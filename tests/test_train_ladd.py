@@ -11,7 +11,7 @@ import train_ladd
 import training
 import weights
 from conftest import expect_one_line_error, make_checkpoint
-from discriminator import Discriminator, hinge_d_loss
+from discriminator import Discriminator, hinge_d_loss, hinge_g_loss
 from pipeline import load_pipeline
 
 ONE_THREAD = True
@@ -91,28 +91,43 @@ def test_discriminator_step_updates_the_heads_only(teacher):
     assert stats["d_skipped"] == 0 and stats["d_loss"] > 0
 
 
-def test_generator_gradient_flows_through_the_frozen_teacher(teacher):
-    """The student's gradient exists, the teacher collects none, and it depends on the teacher's
-    weights: change the teacher and the student's gradient changes."""
-    def student_grad(teacher_m, student, disc):
-        b = batch(teacher_m)
-        student.zero_grad()
-        x0, context, pooled, t, t_hat = b.x0, b.context, b.pooled, b.t, b.t_hat
-        x0_hat = flow.x0_from_v(flow.add_noise(x0, b.eps, t),
-                                student(flow.add_noise(x0, b.eps, t), t, context, pooled), t)
-        fake = flow.add_noise(x0_hat, b.eps_fake, t_hat)
-        feats = teacher_m.features(fake, t_hat, context, pooled, disc.blocks)
-        (-sum(l.mean() for l in disc(feats, t_hat, pooled))).backward()
-        assert all(p.grad is None for p in teacher_m.parameters())
-        return torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+def student_gradient(student, teacher_m, disc, b):
+    """generator_step's gradient of the student as its optimizer receives it: SGD with lr 0
+    leaves every weight as it was and p.grad as training.update left it (unclipped: no limit)."""
+    sgd = torch.optim.SGD(student.parameters(), lr=0.0)
+    features, stats = train_ladd.generator_step(student, teacher_m, disc, sgd, b,
+                                                train_ladd.StepSettings(grad_clip=float("inf")))
+    assert stats["g_skipped"] == 0
+    assert all(p.grad is not None for p in student.parameters())  # every weight takes part
+    return torch.cat([p.grad.flatten() for p in student.parameters()]), features, stats
 
+
+def test_generator_step_back_propagates_through_the_frozen_teacher_and_heads(teacher):
+    """The student's gradient comes through the teacher's features and the heads' logits: it
+    changes with either's weights, and neither collects a gradient or moves."""
     teacher_m, student, disc = models(teacher)
-    g1 = student_grad(teacher_m, student, disc)
+    b = batch(teacher_m)
+    before = [snapshot(m) for m in (teacher_m, student, disc)]
+    g1, features, stats = student_gradient(student, teacher_m, disc, b)
     assert g1.abs().sum() > 0
+    assert all(p.grad is None for p in [*teacher_m.parameters(), *disc.parameters()])
+    assert not any(changed(s, m) for s, m in zip(before, (teacher_m, student, disc)))
+    assert all(p.requires_grad for p in disc.parameters())  # judges only for this step
+    assert all(f.grad_fn is None and not f.requires_grad for f in features)  # detached
+    with torch.no_grad():  # the returned features are the ones the heads judged
+        logits = disc(features, b.t_hat, b.pooled)
+    assert stats["g_loss"] == pytest.approx(-sum(l.mean() for l in logits).item(), rel=1e-5)
+    assert torch.equal(student_gradient(student, teacher_m, disc, b)[0], g1)  # reproducible
+    weight = teacher_m.joint_blocks[0].x_block.mlp.fc2.weight
     with torch.no_grad():
-        teacher_m.joint_blocks[0].x_block.mlp.fc2.weight.mul_(2.0)
-    g2 = student_grad(teacher_m, student, disc)
-    assert not torch.allclose(g1, g2)
+        weight.mul_(2.0)  # another teacher: another gradient
+    g_teacher = student_gradient(student, teacher_m, disc, b)[0]
+    assert not torch.allclose(g_teacher, g1)
+    with torch.no_grad():
+        weight.div_(2.0)  # the teacher back, exactly
+        disc.heads[str(disc.blocks[0])].logit_out.weight.mul_(2.0)  # another head
+    g_heads = student_gradient(student, teacher_m, disc, b)[0]
+    assert not torch.allclose(g_heads, g1)
 
 
 def test_heads_judge_non_square_token_maps_of_every_block(teacher):
@@ -122,8 +137,17 @@ def test_heads_judge_non_square_token_maps_of_every_block(teacher):
     feats = teacher_m.features(x0, t_hat, context, pooled, disc.blocks)
     assert [f.shape[-2:] for f in feats] == [(4, 6)] * teacher_m.config.depth
     logits = disc(feats, t_hat, pooled)
-    assert len(logits) == teacher_m.config.depth and all(l.shape == (3,) for l in logits)
-    assert hinge_d_loss(logits, logits).isfinite()
+    depth = teacher_m.config.depth
+    assert len(logits) == depth and all(l.shape == (3,) for l in logits)
+    # by hand: these logits lie in (-1, 1), so each head's real term relu(1 - l) plus its fake
+    # term relu(1 + l) is (1 - l) + (1 + l) = 2 for every sample: 2 a head in all
+    assert all(l.abs().max() < 1 for l in logits)
+    assert hinge_d_loss(logits, logits).item() == pytest.approx(2 * depth)
+    # fakes 5 lower are all below -1: no fake term, the real ones are mean(1 - l) = 1 - mean(l)
+    means = [l.mean().item() for l in logits]
+    lower = [l - 5 for l in logits]
+    assert hinge_d_loss(logits, lower).item() == pytest.approx(sum(1 - m for m in means))
+    assert hinge_g_loss(lower).item() == pytest.approx(sum(5 - m for m in means))  # -mean(l - 5)
 
 
 def test_student_times_follow_the_warmup_then_the_main_distribution():
@@ -171,6 +195,12 @@ def test_resume_matches_an_uninterrupted_run(teacher, tmp_path):
         assert torch.equal(flat_a[name], flat_b[name]), name
 
 
+def dataset_folder(data_dir):
+    """The one dataset folder under --data-dir (beside it: file_hashes.json)."""
+    (folder,) = [p for p in data_dir.iterdir() if p.is_dir()]
+    return folder
+
+
 def tensors(tree, prefix=""):
     if isinstance(tree, torch.Tensor):
         return {prefix: tree}
@@ -187,12 +217,13 @@ def test_the_synthetic_data_cache_is_reused(teacher, tmp_path, capsys, monkeypat
     monkeypatch.setattr(ladd_data, "_write_shard", lambda *a, **k: calls.append(1))
     train_ladd.main(argv(teacher, tmp_path / "b", *args))
     assert "0 generated now, 8 from the cache" in capsys.readouterr().out and not calls
-    shards = sorted(p.name for p in next(data.iterdir()).glob("*.safetensors"))
+    folders = lambda: [p for p in data.iterdir() if p.is_dir()]  # noqa: E731 (one per dataset)
+    shards = sorted(p.name for p in folders()[0].glob("*.safetensors"))
     assert shards == ["16x16_0000.safetensors", "24x16_0000.safetensors"]
     # other settings, another dataset
     monkeypatch.undo()
     train_ladd.main(argv(teacher, tmp_path / "c", *args, "--data-cfg", "3"))
-    assert "8 generated now" in capsys.readouterr().out and len(list(data.iterdir())) == 2
+    assert "8 generated now" in capsys.readouterr().out and len(folders()) == 2
 
 
 def test_a_non_finite_step_is_skipped_and_never_saved(teacher, tmp_path, monkeypatch):
@@ -233,7 +264,7 @@ def test_a_prompts_file_in_the_world_grammar_is_used(teacher, tmp_path, capsys):
     prompts.write_text("a red circle on a blue background\n")
     train_ladd.main(argv(teacher, tmp_path / "p", "--prompts", str(prompts), "--steps", "1",
                          "--data-dir", str(tmp_path / "data")))
-    shard = next((tmp_path / "data").iterdir()) / "16x16_0000.safetensors"
+    shard = dataset_folder(tmp_path / "data") / "16x16_0000.safetensors"
     captions = json.loads(weights.load_metadata(shard)["captions"])
     assert captions == ["a red circle on a blue background"] * 4
 
@@ -253,7 +284,7 @@ def test_a_model_without_a_text_encoder_trains_on_precomputed_conditioning(teach
                          "--data-dir", str(tmp_path / "data")))
     logs = [json.loads(line) for line in open(out / "log.jsonl")]
     assert all("distill_loss" in r for r in logs if "g_loss" in r)
-    shard = weights.load_file(next((tmp_path / "data").iterdir()) / "16x16_0000.safetensors")
+    shard = weights.load_file(dataset_folder(tmp_path / "data") / "16x16_0000.safetensors")
     assert shard["context"].shape == (4, 7, 64)  # rows of the cond file, cycled
     assert torch.equal(shard["context"][3].float(), shard["context"][0].float())
     assert (out / "grid.png").is_file() and "judge" not in weights.load_metadata(out / "model.safetensors")
@@ -278,29 +309,83 @@ def test_real_data_are_rendered_captions_through_the_vae(teacher, tmp_path):
     import shapes
     train_ladd.main(argv(teacher, tmp_path / "real", "--data", "real", "--steps", "1",
                          "--data-dir", str(tmp_path / "data")))
-    path = next((tmp_path / "data").iterdir()) / "24x16_0000.safetensors"
+    path = dataset_folder(tmp_path / "data") / "24x16_0000.safetensors"
     shard, captions = weights.load_file(path), json.loads(weights.load_metadata(path)["captions"])
     images = shapes.render_batch(captions, 24, 16, seed=4)  # bucket 1 starts at sample 4
     expected = load_pipeline(teacher).vae.encode(images)
     assert torch.allclose(shard["latents"].float(), expected, atol=1e-2)
-    assert json.loads((next((tmp_path / "data").iterdir()) / "settings.json").read_text())["kind"] == "real"
+    assert json.loads((dataset_folder(tmp_path / "data") / "settings.json").read_text())["kind"] == "real"
 
 
-def test_memory_report_estimates_what_is_held(teacher):
+def after_one_step(teacher, optim_dtype):
+    """What a run holds after its first step: teacher, student, EMA, heads and both optimizers,
+    the student's moments in optim_dtype (train_ladd's --optim-dtype)."""
     teacher_m, student, disc = models(teacher)
-    b = batch(teacher_m)
-    opt_g, opt_d = opt(student), opt(disc)
+    b, cpu = batch(teacher_m), torch.device("cpu")
+    opt_g = training.make_optimizer(student.parameters(), 1e-3, (0.9, 0.99), cpu, optim_dtype)
+    opt_d = training.make_optimizer(disc.parameters(), 1e-3, (0.0, 0.99), cpu)
     fake, _ = train_ladd.generator_step(student, teacher_m, disc, opt_g, b)
     train_ladd.discriminator_step(teacher_m, disc, opt_d, b, fake)
-    rows, text = training.memory_report(teacher_m, student, student, disc, opt_g, opt_d,
-                                          torch.device("cpu"))
-    held = {name: (est, real) for name, est, real in rows}
-    assert held["student AdamW moments"][1] == 8 * mmdit.count_params(student) > 0
-    for name, (est, real) in held.items():  # the dtype plan accounts for every byte held
+    ema = mmdit.MMDiT(student.config).requires_grad_(False)
+    ema.load_state_dict(student.state_dict())
+    return [teacher_m, student, ema, disc, opt_g, opt_d]
+
+
+def memory_rows(held, **kw):
+    rows, text = training.memory_report(*held, torch.device("cpu"), **kw)
+    assert text.count("\n") == len(rows) and all(name in text for name, _, _ in rows)
+    return {name: (est, real) for name, est, real in rows}
+
+
+@pytest.mark.parametrize("optim_dtype,moment_dtype,moment_bytes",
+                         [("fp32", torch.float32, 4), ("bf16", torch.bfloat16, 2)])
+def test_memory_report_estimates_what_is_held(teacher, optim_dtype, moment_dtype, moment_bytes):
+    """The plan (element counts times planned bytes) equals the bytes of the storages held."""
+    held = after_one_step(teacher, optim_dtype)
+    teacher_m, student, _, disc, opt_g, _ = held
+    rows = memory_rows(held, teacher_dtype=torch.float32)
+    assert memory_rows(held)["held in all"] == rows["held in all"]  # teacher_dtype: as loaded
+    n_t, n_s, n_d = (sum(p.numel() for p in m.parameters()) for m in (teacher_m, student, disc))
+    pos = student.pos_embed.numel()  # the weights' one buffer
+    planned = {"teacher weights (frozen)": 4 * (n_t + teacher_m.pos_embed.numel()),
+               "student weights (fp32 master)":
+               4 * (n_s + pos), "student gradients": 4 * n_s, "student AdamW moments":
+               2 * moment_bytes * n_s, "student EMA": 4 * (n_s + pos),
+               "heads: weights, gradients, AdamW": (4 + 4 + 8) * n_d}
+    assert {name: rows[name][0] for name in planned} == planned
+    assert all(v.dtype == moment_dtype for s in opt_g.state.values()
+               for k, v in s.items() if k.startswith("exp_avg"))
+    for name, (est, real) in rows.items():  # every byte held is planned
         if est is not None:
             assert est == real, name
-    assert held["process peak RSS (+ activations, data)"][1] > held["held in all"][1]
-    assert "student gradients" in text and text.count("\n") == len(rows)
+    assert rows["held in all"][1] == sum(planned.values())
+    assert rows["process peak RSS (+ activations, data)"][1] > rows["held in all"][1]
+
+
+def test_memory_report_shows_what_the_plan_did_not_expect(teacher):
+    held = after_one_step(teacher, "bf16")
+    teacher_m, student, ema, disc, opt_g, opt_d = held
+    plan = memory_rows(held)
+    moments, ema_row = plan["student AdamW moments"][0], plan["student EMA"][0]
+    # moments kept in fp32 where the plan says bf16: twice the bytes
+    for state in opt_g.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = state[key].float()
+    assert memory_rows(held)["student AdamW moments"] == (moments, 2 * moments)
+    # an EMA sharing the student's storage holds nothing of its own
+    shared = [teacher_m, student, student, disc, opt_g, opt_d]
+    assert memory_rows(shared)["student EMA"] == (ema_row, 0)
+    # an EMA whose weights are views of one buffer twice their size: the buffer is held
+    flat = torch.zeros(2 * sum(t.numel() for t in ema.state_dict().values()))
+    offset = 0
+    for t in [*ema.parameters(), *ema.buffers()]:
+        t.data = flat[offset:offset + t.numel()].view_as(t)
+        offset += t.numel()
+    assert memory_rows(held)["student EMA"] == (ema_row, 2 * ema_row)
+    # a teacher planned in bf16 but held in fp32
+    teacher_row = plan["teacher weights (frozen)"][0]
+    assert memory_rows(held, teacher_dtype=torch.bfloat16)["teacher weights (frozen)"] == (
+        teacher_row // 2, teacher_row)
 
 
 def test_adamw_with_fp32_state_equals_torch_and_bf16_state_halves_it():
