@@ -35,11 +35,12 @@ import time
 import numpy as np
 import torch
 
+import lora
 import mmdit
 import shapes
 import vae as vae_lib
 from cli import DTYPES, Parser, one_line, pick_device, pick_dtype, run_cli
-from training import rss_peak_bytes
+from training import memory_report, rss_peak_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -413,10 +414,18 @@ def ladd_case(spec):
 
     torch.manual_seed(0)
     teacher = random_mmdit(config, device, amp if cuda else torch.float32).requires_grad_(False)
-    student = random_mmdit(config, device, torch.float32)
+    rank, targets = spec["lora"], spec["lora_targets"]
+
+    def new_student():  # fp32 weights of the teacher's shape, or a LoRA student on it
+        if rank:
+            return lora.add_adapters(teacher, rank, targets=targets)
+        return random_mmdit(config, device, torch.float32)
+    student = new_student()
+    ema = new_student().requires_grad_(False) if spec["memory_report"] else None
     disc = Discriminator.for_teacher(config).to(device)
     student.gradient_checkpointing = teacher.gradient_checkpointing = spec["checkpointing"]
-    opt_g = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
+    opt_g = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4,
+                              betas=(0.9, 0.99), weight_decay=0.0)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=2e-4, betas=(0.0, 0.99), weight_decay=0.0)
     x0, _, context, pooled = mmdit_inputs(config, B, h, w, L, device, torch.float32)
     g = torch.Generator().manual_seed(1)
@@ -436,9 +445,12 @@ def ladd_case(spec):
         peak, base = torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
     else:
         peak, base = rss_peak_bytes(), start
+    report = memory_report(teacher, student, ema, disc, opt_g, opt_d, device,
+                           teacher_dtype=amp if cuda else torch.float32)[1] if ema else ""
     return {"seconds": seconds, "peak_bytes": peak, "base_bytes": base, "device": str(device),
-            "dtype": str(amp).removeprefix("torch."), "params": mmdit.count_params(student),
-            "heads": len(disc.blocks), "head_params": mmdit.count_params(disc)}
+            "dtype": str(amp).removeprefix("torch."), "params": mmdit.count_params(teacher),
+            "trained": sum(p.numel() for p in student.parameters() if p.requires_grad),
+            "heads": len(disc.blocks), "head_params": mmdit.count_params(disc), "report": report}
 
 
 def run_ladd_case(spec):
@@ -457,7 +469,8 @@ def ladd_spec(a, checkpointing, config):
     text_tokens = a.text_tokens or settings(a.config, config)[1]
     return {"config": a.config, "depth": a.depth, "size": list(a.size), "batch": a.batch,
             "text_tokens": text_tokens, "checkpointing": checkpointing, "device": a.device,
-            "dtype": a.dtype, "warmup": a.warmup, "iters": a.iters, "threads": a.threads}
+            "dtype": a.dtype, "warmup": a.warmup, "iters": a.iters, "threads": a.threads,
+            "lora": a.lora, "lora_targets": a.lora_targets, "memory_report": a.memory_report}
 
 
 def bench_ladd(a):
@@ -474,13 +487,17 @@ def bench_ladd(a):
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
     r = results[0][1]
-    print(f"one LADD step (train_ladd.generator_step + discriminator_step): teacher and student "
-          f"{a.config} (depth {config.depth}, {r['params'] / 1e6:.1f} M params each), "
+    student = (f"a LoRA student of rank {a.lora} on {a.lora_targets} ({r['trained'] / 1e6:.3f} M "
+               f"trained, sharing the teacher's weights)" if a.lora else "a full student")
+    print(f"one LADD step (train_ladd.generator_step + discriminator_step): teacher "
+          f"{a.config} (depth {config.depth}, {r['params'] / 1e6:.1f} M params), {student}, "
           f"{r['heads']} heads ({r['head_params'] / 1e6:.2f} M), {a.size[0]}x{a.size[1]} px = "
           f"{h}x{w} latent, batch {a.batch}, {r['device']} autocast {r['dtype']}"
           f"{f', {a.threads} thread' + 's' * (a.threads > 1) if a.threads and not cuda else ''}"
           f"; median of {a.iters} "
-          f"steps after {a.warmup}; not included: the student's EMA copy (4 bytes a parameter)"
+          f"steps after {a.warmup}"
+          + ("" if a.memory_report else "; not included: the student's EMA (4 bytes a trained "
+             "parameter; --memory-report builds it)")
           + ("; peak = max_memory_allocated, held = allocated between steps (weights, "
              "gradients, AdamW states)" if cuda else
              "; peak = the case process's peak RSS, above imports = its growth after importing torch"))
@@ -491,6 +508,9 @@ def bench_ladd(a):
              mib(r["peak_bytes"]), mib(r["base_bytes"] if cuda else r["peak_bytes"] - r["base_bytes"])]
             for on, r in results]
     print(markdown(header, rows))
+    for on, r in results:
+        if r["report"]:
+            print(f"checkpointing {'on' if on else 'off'}: " + r["report"])
     return results
 
 
@@ -764,6 +784,11 @@ def parse_args(argv=None):
     common(ladd)
     ladd.add_argument("--checkpointing", default="both", choices=("on", "off", "both"),
                       help="gradient checkpointing of teacher and student")
+    ladd.add_argument("--lora", type=non_negative, default=0,
+                      help="a LoRA student of this rank on the teacher's own weights (0: a full one)")
+    ladd.add_argument("--lora-targets", default="attn", help="attn, mlp, mod (comma-separated)")
+    ladd.add_argument("--memory-report", action="store_true",
+                      help="also build the student's EMA and print training.memory_report's rows")
     v = sub.add_parser("vae", help="tiled vs untiled VAE decode", allow_abbrev=False)
     v.add_argument("--config", default="shapes", choices=list(vae_lib.CONFIGS), help="vae.CONFIGS name")
     v.add_argument("--size", type=positive, default=1024, help="image side in pixels")

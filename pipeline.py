@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import flow
+import lora
 import shapes
 import text_encoders
 import weights
@@ -161,12 +162,17 @@ def text_encoder_spec(pipe):
     return {**spec, "file": spec.get("file", path)}
 
 
-def load_pipeline(ckpt, device="cpu", dtype=torch.float32):
+def load_pipeline(ckpt, device="cpu", dtype=torch.float32, adapters=None):
     """Everything needed to sample from one checkpoint (see the module docstring for the
-    metadata it reads). Model and VAE are in eval mode with requires_grad False."""
+    metadata it reads). Model and VAE are in eval mode with requires_grad False. adapters: a LoRA
+    adapter file (train_ladd.py --lora) merged into the checkpoint's weights; its sampling
+    defaults (a student's) replace the checkpoint's."""
     path = _checkpoint_file(ckpt)
     model = MMDiT.from_pretrained(path, device, dtype)  # one-line error for a wrong or missing file
     meta = model.metadata
+    if adapters:
+        sampler = lora.merge_file(model, adapters).get("sampler")
+        meta = {**meta, **({"sampler": sampler} if sampler else {})}
     vae = VAE.from_pretrained(_vae_file(path, meta), device, dtype)
     text_encoder = _text_encoder(path, meta, model).to(device)
     defaults = {**DEFAULTS, **_meta_json(meta, "sampler", path, {})}

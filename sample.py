@@ -5,6 +5,8 @@ Text-to-image (and img2img) from a teacher or a student checkpoint.
     python sample.py --ckpt runs/student --steps 1 --prompt prompts.txt --out samples/student
     python sample.py --ckpt runs/teacher --init-image in.png --strength 0.6 --prompt "..."
     python sample.py --ckpt sd3_medium.safetensors --cond cond.safetensors   # precomputed text
+    python sample.py --ckpt assets/shapes_teacher.safetensors --lora runs/lora/adapters.safetensors \
+        --prompt "..."                                   # a teacher plus a LoRA student's adapters
 
 Writes one PNG per prompt ({i:03d}.png), grid.png, prompts.txt and the resolved config.json into
 --out, and with --trajectory a trajectory.png (a row per sample: its x0 estimate at every step).
@@ -29,6 +31,7 @@ import weights
 @dataclass
 class SampleConfig:
     ckpt: str                        # a checkpoint file, or a run folder with model.safetensors
+    lora: str = None                 # LoRA adapters (a --lora run's adapters.safetensors) for --ckpt
     prompt: list = field(default_factory=list)  # a prompt (repeat for more) or a .txt, one a line
     steps: int = None                # sampling steps; None: the checkpoint's (a student: its times)
     cfg: float = None                # guidance scale, 1 = unguided; None: the checkpoint's
@@ -67,8 +70,8 @@ def run(c):
     if c.strength is not None and not c.init_image:
         raise ValueError("--strength needs --init-image (it is the share of img2img steps run)")
     pipeline.check_sampling(c.steps, c.cfg, c.shift, c.sampler)
-    if c.shift is not None and pipeline.is_student(c.ckpt):  # read from the file's header
-        pipeline.check_sampling(shift=c.shift, student=c.ckpt)
+    if c.shift is not None and pipeline.is_student(c.lora or c.ckpt):  # the file's header
+        pipeline.check_sampling(shift=c.shift, student=c.lora or c.ckpt)
     for name, value in (("width", c.width), ("height", c.height)):
         if value is not None and value < 1:
             raise ValueError(f"--{name} {value}: must be > 0 (pixels); leave it out for the "
@@ -84,7 +87,7 @@ def run(c):
     init = images.load_image(c.init_image) if c.init_image else None
     device = cli.pick_device(c.device)
     dtype = cli.pick_dtype(c.dtype, device)
-    pipe = pipeline.load_pipeline(c.ckpt, device, dtype)
+    pipe = pipeline.load_pipeline(c.ckpt, device, dtype, adapters=c.lora)
     width = c.width or (init.shape[2] if init is not None else pipe.sizes[0][0])
     height = c.height or (init.shape[1] if init is not None else pipe.sizes[0][1])
     pipeline.check_size(pipe, width, height)

@@ -37,6 +37,7 @@ import flow
 import images
 import inpainting
 import ladd_data
+import lora
 import metrics
 import mmdit
 import pipeline
@@ -54,6 +55,9 @@ class Config:
     teacher: str = ""                  # MMDiT checkpoint file or run folder ("": the shipped one)
     task: str = "t2i"                  # t2i | inpaint (an inpainting teacher; shapes world)
     student_config: str = ""           # mmdit.CONFIGS name of a different student ("": the teacher's)
+    lora: int = 0                      # LoRA rank: train adapters on the shared teacher (0: all weights)
+    lora_alpha: float = 0.0            # adapters scaled by alpha / rank (0: alpha = rank)
+    lora_targets: str = "attn"         # layers with adapters: attn, mlp, mod (comma-separated)
     prompts: str = ""                  # prompts file, one a line ("": random shapes-world captions)
     cond: str = ""                     # precomputed conditioning file or shard folder, not prompts
     seed: int = 0                      # data, noise, heads and student init all derive from it
@@ -278,7 +282,11 @@ def student_config(cfg, teacher_config):
 
 
 def make_student(cfg, teacher):
-    """A copy of the teacher (fp32 master weights), or a smaller model initialised from it."""
+    """A copy of the teacher (fp32 master weights), a smaller model initialised from it, or with
+    --lora the teacher itself plus adapters (its tensors shared, only the adapters trained)."""
+    if cfg.lora:
+        torch.manual_seed(cfg.seed)
+        return lora.add_adapters(teacher, cfg.lora, cfg.lora_alpha or None, cfg.lora_targets)
     config = student_config(cfg, teacher.config)
     torch.manual_seed(cfg.seed)
     student = mmdit.MMDiT(config)
@@ -287,6 +295,19 @@ def make_student(cfg, teacher):
         print(f"student {cfg.student_config}: {copied} of {len(student.state_dict())} tensors "
               "initialised from the teacher")
     return student
+
+
+def trained_state(model, world):
+    """What a checkpoint keeps of the student (or its EMA): all weights, or a LoRA model's
+    adapters (its base is the teacher file)."""
+    return lora.adapter_state(model) if lora.is_lora(model) else world.state(model)
+
+
+def load_trained(model, state, world):
+    """The inverse of trained_state."""
+    if lora.is_lora(model):
+        return lora.load_adapter_state(model, state)
+    return world.load(model, state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +348,8 @@ OPTION_RULES = {  # cli.check_options: each numeric option and what it allows
     "ckpt_every": cli.COUNT, "judge_n": cli.COUNT, "data_cfg": cli.NON_NEGATIVE,
     "lr": cli.POSITIVE, "disc_lr": cli.POSITIVE, "t_hat_std": cli.POSITIVE,
     "grad_clip": cli.POSITIVE, "t_hat_mean": cli.FINITE, "distill_weight": cli.NON_NEGATIVE,
-    "r1_weight": cli.NON_NEGATIVE, "max_minutes": cli.NON_NEGATIVE, "ema": cli.DECAY}
+    "r1_weight": cli.NON_NEGATIVE, "max_minutes": cli.NON_NEGATIVE, "ema": cli.DECAY,
+    "lora": cli.COUNT, "lora_alpha": cli.NON_NEGATIVE}
 
 
 def check_config(cfg):
@@ -341,6 +363,12 @@ def check_config(cfg):
             raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of "
                              f"{', '.join(allowed)}")
     cli.check_options(cfg, OPTION_RULES)
+    if cfg.lora:
+        lora.parse_targets(cfg.lora_targets)
+        for name in ("student_config", "shard"):
+            if getattr(cfg, name):
+                raise ValueError(f"--lora trains adapters on the teacher itself; it does not "
+                                 f"combine with --{name.replace('_', '-')}")
     times, probs = cli.parse_list(cfg.times, "times"), cli.parse_list(cfg.time_probs, "time-probs")
     warm = cli.parse_list(cfg.warmup_probs, "warmup-probs")
     if times[0] != 1 or not all(a > b for a, b in zip(times, times[1:] + [0])):
@@ -381,22 +409,23 @@ def train(cfg):
         run.distill = Distill(cfg.distill_weight, u.uncond_context.to(device),
                               u.uncond_pooled.to(device), teacher_pipe.defaults["cfg"])
 
-    ema = mmdit.MMDiT(student.config).to(device).requires_grad_(False)
-    ema.load_state_dict(student.state_dict())
+    ema = (lora.add_adapters(teacher, cfg.lora, cfg.lora_alpha or None, cfg.lora_targets)
+           if cfg.lora else mmdit.MMDiT(student.config).to(device)).requires_grad_(False)
+    load_trained(ema, trained_state(student, world), world)
     # several processes: DDP, or FSDP (in place) for student and EMA; optimizers come after
     sharded = cfg.shard and world.size > 1
     trained_student, trained_disc = world.wrap(student, device, sharded), world.wrap(disc, device)
     if sharded:
         world.wrap(ema, device, shard=True)
-    opt_g = training.make_optimizer(student.parameters(), cfg.lr, (0.9, 0.99), device,
-                                    cfg.optim_dtype)
+    opt_g = training.make_optimizer([p for p in student.parameters() if p.requires_grad], cfg.lr,
+                                    (0.9, 0.99), device, cfg.optim_dtype)
     opt_d = training.make_optimizer(disc.parameters(), cfg.disc_lr, (0.0, 0.99), device)  # fp32
     state_path = os.path.join(cfg.out, "state.safetensors")
     start, skipped = 0, {"g": 0, "d": 0}
     if cfg.resume:  # cli.resolve_config checked that the state is there
         state = weights.load_state(state_path)
-        world.load(student, state["student"])
-        world.load(ema, state["ema"])
+        load_trained(student, state["student"], world)
+        load_trained(ema, state["ema"], world)
         world.load(student, state["opt_g"], opt_g)
         disc.load_state_dict(state["disc"])
         opt_d.load_state_dict(state["opt_d"])
@@ -413,7 +442,9 @@ def train(cfg):
     if cfg.task == "inpaint":  # six fixed edits instead
         w, h = teacher_pipe.sizes[0]
         grid = [inpainting.edit_task(np.random.default_rng([99, i]), w, h) for i in range(6)]
-    print(f"student {mmdit.count_params(student) / 1e6:.2f}M, teacher "
+    trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    print(f"student {mmdit.count_params(student) / 1e6:.2f}M"
+          f"{f' (LoRA rank {cfg.lora}: {trained / 1e6:.3f}M trained)' if cfg.lora else ''}, teacher "
           f"{mmdit.count_params(teacher) / 1e6:.2f}M, {len(disc.blocks)} heads "
           f"{mmdit.count_params(disc) / 1e6:.2f}M; {cfg.steps} steps of {cfg.batch_size} on "
           f"{device} ({amp}) x {world.size} process(es){' (FSDP)' * sharded}")
@@ -427,7 +458,8 @@ def train(cfg):
         by rank 0 (with FSDP every rank takes part: the shards are gathered)."""
         if not (world.main or sharded):
             return
-        tree = {"student": world.state(student), "ema": world.state(ema), "disc": disc.state_dict(),
+        tree = {"student": trained_state(student, world), "ema": trained_state(ema, world),
+                "disc": disc.state_dict(),
                 "opt_g": world.state(student, opt_g), "opt_d": opt_d.state_dict(), "step": step,
                 "skipped": skipped}
         if world.main:
@@ -435,9 +467,14 @@ def train(cfg):
                 "train_ladd.py", cfg, pipeline.text_encoder_spec(teacher_pipe), "vae.safetensors",
                 {"times": schedule[0], "cfg": 1.0, "sampler": cfg.sampler}, teacher_pipe.sizes,
                 teacher=os.path.abspath(teacher_pipe.path), train_steps=str(step), **extra)
-            ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"), meta, tree["ema"])
-            student.save_pretrained(os.path.join(cfg.out, "student.safetensors"), meta,
-                                    tree["student"])
+            if cfg.lora:  # the EMA merged into the teacher's weights, and its adapters alone
+                ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"), meta,
+                                    lora.merged_state(ema))
+                lora.save_adapters(ema, os.path.join(cfg.out, "adapters.safetensors"), meta)
+            else:
+                ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"), meta, tree["ema"])
+                student.save_pretrained(os.path.join(cfg.out, "student.safetensors"), meta,
+                                        tree["student"])
             weights.save_state(tree, state_path)
 
     try:  # generated once, then read from the cache (an interrupted generation continues)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 import cli
 import flow
+import lora
 import mmdit
 import weights
 
@@ -180,9 +181,11 @@ def update(opt, loss, params, grad_clip, world=World()):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """ema <- decay ema + (1 - decay) model, parameter by parameter."""
+    """ema <- decay ema + (1 - decay) model, for each trained parameter (a LoRA student's
+    frozen base is shared, not averaged)."""
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+        if p.requires_grad:
+            e.lerp_(p.detach(), 1 - decay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +260,7 @@ def checkpoint_metadata(script, cfg, text_encoder, vae, sampler, sizes, **extra)
 
 
 RUN_OUTPUTS = ("config.json", "log.jsonl", "state.safetensors", "model.safetensors",
-               "student.safetensors", "vae.safetensors")
+               "student.safetensors", "adapters.safetensors", "vae.safetensors")
 
 
 def start_run(cfg):
@@ -362,8 +365,10 @@ def memory_report(teacher, student, ema, disc, opt_g, opt_d, device, shards=1, t
         return [*module.parameters(), *module.buffers()]
 
     n_t = mmdit.count_params(teacher) + n_buffers(teacher)
-    n_s = mmdit.count_params(student) // shards                 # per rank, also the EMA's
-    n_w = n_s + n_buffers(student)                              # the student's weights
+    n_s = sum(p.numel() for p in student.parameters() if p.requires_grad) // shards  # trained
+    # the student's weights: all trained, or for a LoRA student only its adapters (the rest are
+    # the teacher's own tensors, counted in the teacher's row)
+    n_w = n_s + (0 if lora.is_lora(student) else n_buffers(student))
     n_d, n_db = mmdit.count_params(disc), n_buffers(disc)
     moments = [v for opt in (opt_g,) for state in opt.state.values() for v in state.values()
                if torch.is_tensor(v) and v.dim()]
@@ -376,11 +381,14 @@ def memory_report(teacher, student, ema, disc, opt_g, opt_d, device, shards=1, t
 
     def held(ts):
         return tensor_bytes(ts, seen)
+    weights_row = "student LoRA adapters (fp32)" if lora.is_lora(student) else \
+        "student weights (fp32 master)"
     rows = [("teacher weights (frozen)", tb * n_t, held(tensors(teacher))),
-            ("student weights (fp32 master)", 4 * n_w, held(tensors(student))),
+            (weights_row, 4 * n_w, held(tensors(student))),
             ("student gradients", 4 * n_s, held(p.grad for p in student.parameters())),
             ("student AdamW moments", 2 * mb * n_s, held(moments)),
-            ("student EMA", 4 * n_w, held(tensors(ema))),
+            ("student EMA" + " (of the adapters)" * lora.is_lora(student), 4 * n_w,
+             held(tensors(ema))),
             ("heads: weights, gradients, AdamW", 16 * n_d + 4 * n_db, held(heads))]
     rows.append(("held in all", sum(r[1] for r in rows), sum(r[2] for r in rows)))
     if device.type == "cuda":
