@@ -414,14 +414,14 @@ def ladd_case(spec):
 
     torch.manual_seed(0)
     teacher = random_mmdit(config, device, amp if cuda else torch.float32).requires_grad_(False)
-    rank, targets = spec["lora"], spec["lora_targets"]
+    rank, targets = spec.get("lora", 0), spec.get("lora_targets", "attn")
 
     def new_student():  # fp32 weights of the teacher's shape, or a LoRA student on it
         if rank:
             return lora.add_adapters(teacher, rank, targets=targets)
         return random_mmdit(config, device, torch.float32)
     student = new_student()
-    ema = new_student().requires_grad_(False) if spec["memory_report"] else None
+    ema = new_student().requires_grad_(False) if spec.get("memory_report") else None
     disc = Discriminator.for_teacher(config).to(device)
     student.gradient_checkpointing = teacher.gradient_checkpointing = spec["checkpointing"]
     opt_g = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4,

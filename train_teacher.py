@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -325,7 +325,7 @@ def train(cfg):
     if given_vae is not None:
         if world.main:
             given_vae.save_pretrained(vae_path, weights.load_metadata(cfg.vae))
-    elif not (cfg.resume and os.path.isfile(vae_path)) and world.main:
+    elif not cfg.resume and world.main:  # a resumed run has its VAE (resolve_config checked)
         try:
             vae = train_vae(cfg, device, amp, workers, log).eval().requires_grad_(False)
         except KeyboardInterrupt:

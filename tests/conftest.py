@@ -103,3 +103,25 @@ def read_only(folder, monkeypatch):
             raise PermissionError(13, "Permission denied", dir)
         return real(*args, dir=dir, **kwargs)
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+
+def files(folder):
+    """Every file under `folder` -> its bytes (a file: its bytes; nothing there: None): what a
+    "nothing was written" check compares before and after."""
+    if not os.path.exists(folder):
+        return None
+    if os.path.isfile(folder):
+        return open(folder, "rb").read()
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(folder) for f in names}
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """A model loaded or run fails the test: the checks must come first."""
+    import pipeline
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded or run before the options were checked")
+    for name in ("load_pipeline", "generate"):
+        monkeypatch.setattr(pipeline, name, fail)

@@ -146,8 +146,10 @@ def test_ladd_case_with_checkpointing_runs_in_process():
             "checkpointing": True, "device": "cpu", "dtype": "auto", "warmup": 0, "iters": 1,
             "threads": 1}
     r = bench.ladd_case(spec)
-    assert r["seconds"] > 0 and r["peak_bytes"] > 0 and r["heads"] == 2
-    assert r["params"] == mmdit.count_params(mmdit.MMDiT(bench.model_config("test", 2)))
+    assert r["seconds"] > 0 and r["peak_bytes"] > 0 and r["heads"] == 2 and not r["report"]
+    assert r["params"] == r["trained"] == mmdit.count_params(mmdit.MMDiT(bench.model_config("test", 2)))
+    r = bench.ladd_case({**spec, "lora": 2, "lora_targets": "attn", "memory_report": True})
+    assert 0 < r["trained"] < r["params"] / 10 and "student LoRA adapters (fp32)" in r["report"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Tests for evaluate.py: the real CLI on a tiny self-describing checkpoint (rows, columns, NFE,
 determinism, files), the Fréchet distance on its own, and one-line errors."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import evaluate
 import metrics
 import pipeline
 import shapes
-from conftest import expect_one_line_error, make_checkpoint, read_only
+from conftest import expect_one_line_error, files, make_checkpoint, read_only
 
 ONE_THREAD = True
 
@@ -101,23 +100,6 @@ def test_bad_inputs_are_one_line_errors(teacher, tmp_path, capsys):
     expect_error(capsys, ["--ckpt", teacher, "--sampler", "heun", *out], "heun")
     expect_error(capsys, ["--ckpt", teacher, "--n", "1", *out[:-3]], "--n 1")
     assert not (tmp_path / "o").exists()  # failed runs write nothing
-
-
-def files(folder):
-    """Every file under `folder` -> its bytes; None when there is no such folder."""
-    if not os.path.exists(folder):
-        return None
-    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-            for d, _, names in os.walk(folder) for f in names}
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """A model loaded or run fails the test: the checks must come first."""
-    def fail(*args, **kwargs):
-        raise AssertionError("a model was loaded or run before the options were checked")
-    monkeypatch.setattr(pipeline, "load_pipeline", fail)
-    monkeypatch.setattr(pipeline, "generate", fail)
 
 
 def test_bad_option_values_fail_before_any_work(teacher, tmp_path, capsys, no_loading):

@@ -18,7 +18,7 @@ import metrics
 import pipeline
 import shapes
 from conftest import (expect_one_line_error, make_checkpoint, make_inpainting_checkpoint,  # tiny checkpoints
-                      read_only, read_png, PROMPTS)
+                      files, read_only, read_png, PROMPTS)
 
 ONE_THREAD = True
 
@@ -195,25 +195,6 @@ def test_bad_inputs_are_one_line_errors(ckpt, tmp_path, capsys):
     expect_error(capsys, base + ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "odd_mask.png"),
                                  "--resampel", "1"], "--resample")
     assert not (tmp_path / "o").exists()  # failed runs write nothing
-
-
-def files(folder):
-    """Every file under `folder` -> its bytes; None when there is no such folder."""
-    if not os.path.exists(folder):
-        return None
-    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-            for d, _, names in os.walk(folder) for f in names}
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """A model loaded or run fails the test: the checks must come first."""
-    def fail(*args, **kwargs):
-        raise AssertionError("a model was loaded or run before the options were checked")
-    for name in ("load_pipeline", "generate"):
-        monkeypatch.setattr(pipeline, name, fail)
-    for name in ("inpaint", "inpaint_latents"):
-        monkeypatch.setattr(inpainting, name, fail)
 
 
 def test_bad_option_values_fail_before_any_work(ckpt, tmp_path, capsys, no_loading):

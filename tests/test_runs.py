@@ -15,7 +15,7 @@ import ladd_data
 import train_ladd
 import train_teacher
 import weights
-from conftest import expect_one_line_error, make_checkpoint
+from conftest import expect_one_line_error, files, make_checkpoint
 
 ONE_THREAD = True
 SAMPLER = {"steps": 2, "cfg": 2.0, "shift": 1.0, "sampler": "euler"}
@@ -33,12 +33,6 @@ def ladd(teacher, out, *extra):
             "--device", "cpu", "--judge-n", "0", *extra]
 
 
-def files(folder):
-    """Every file under folder -> its bytes (what "nothing changed" compares)."""
-    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
-            for d, _, names in os.walk(folder) for n in names}
-
-
 def log_steps(folder):
     return [r["step"] for r in map(json.loads, open(folder / "log.jsonl")) if "judge" not in r]
 
@@ -50,9 +44,9 @@ def same_weights(a, b):
 
 def expect_unchanged(main, capsys, argv, folder, *words):
     """A one-line error, and not a byte of `folder` changed (or it still does not exist)."""
-    before = files(folder) if os.path.exists(folder) else None
+    before = files(folder)
     err = expect_one_line_error(main, capsys, argv, *words)
-    assert (files(folder) if os.path.exists(folder) else None) == before
+    assert files(folder) == before
     return err
 
 

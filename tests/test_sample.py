@@ -15,7 +15,7 @@ import pipeline
 import sample
 import shapes
 import weights
-from conftest import expect_one_line_error, read_png, read_only, PROMPTS, make_checkpoint
+from conftest import expect_one_line_error, files, read_png, read_only, PROMPTS, make_checkpoint
 
 ONE_THREAD = True
 P = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt", PROMPTS[2]]
@@ -219,25 +219,6 @@ def test_bad_inputs_are_one_line_errors(teacher, tmp_path, capsys):
     expect_error(capsys, base + ["--sampler", "heun"], "heun")
     expect_error(capsys, base[:-3] + ["--out", teacher], "is a file")
     assert not (tmp_path / "o").exists()  # failed runs write nothing
-
-
-def files(folder):
-    """Every file under `folder` -> its bytes (a file: its bytes); None when there is no such folder."""
-    if not os.path.exists(folder):
-        return None
-    if os.path.isfile(folder):
-        return open(folder, "rb").read()
-    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-            for d, _, names in os.walk(folder) for f in names}
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """A model loaded or run fails the test: the checks must come first."""
-    def fail(*args, **kwargs):
-        raise AssertionError("a model was loaded or run before the options were checked")
-    monkeypatch.setattr(pipeline, "load_pipeline", fail)
-    monkeypatch.setattr(pipeline, "generate", fail)
 
 
 def expect_nothing_written(capsys, argv, out, *words):
