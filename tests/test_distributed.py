@@ -53,19 +53,19 @@ def assert_same_run(single, ranks, start):
     assert apart < 1e-3 * moved, (apart, moved)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "lora"])
 def test_ladd_two_processes_match_one(tmp_path, mode):
     """DDP: 3 steps. FSDP (--shard): 2 steps, then --resume to 3, which also checks that the
-    gathered state saves and loads back into shards."""
+    gathered state saves and loads back into shards. LoRA: DDP over a rank-2 LoRA student."""
     teacher = make_checkpoint(str(tmp_path), {"steps": 2, "cfg": 2.0, "shift": 1.0,
                                               "sampler": "euler"})
     args = ["--preset", "test", "--teacher", teacher, "--data-dir", str(tmp_path / "data"),
             "--device", "cpu", "--judge-n", "2", "--data-size", "16", "--batch-size", "4",
-            "--lr", "2e-3", "--ema", "0"]
+            "--lr", "2e-3", "--ema", "0"] + ["--lora", "2"] * (mode == "lora")
     single = train_ladd.main([*args, "--steps", "3", "--out", str(tmp_path / "one")]
                              ).model.state_dict()
     two = str(tmp_path / "two")
-    if mode == "ddp":
+    if mode in ("ddp", "lora"):
         out = torchrun(tmp_path, "train_ladd", [*args, "--steps", "3", "--out", two,
                                                 "--memory-report"])
         assert "x 2 process(es)" in out
@@ -79,10 +79,14 @@ def test_ladd_two_processes_match_one(tmp_path, mode):
     assert out.count("judged:") == 1  # rank 0 alone prints
     ranks = [weights.load_file(tmp_path / "two" / f"ema_rank{r}.safetensors") for r in (0, 1)]
     start = weights.load_file(teacher)
+    if mode == "lora":  # the adapters as they started: a run of 0 steps
+        start = train_ladd.main([*args, "--steps", "0", "--out", str(tmp_path / "zero")]
+                                ).model.state_dict()
     assert_same_run(single, ranks, {k: start[k].float() for k in single})
     assert (tmp_path / "two" / "grid.png").is_file()
     # rank 0 wrote the run (and only rank 0 wrote anything but its own weights)
-    saved = weights.load_file(tmp_path / "two" / "model.safetensors")
+    saved = weights.load_file(tmp_path / "two" / ("adapters.safetensors" if mode == "lora" else
+                                                  "model.safetensors"))
     assert all(torch.equal(saved[k], ranks[0][k]) for k in saved)
 
 
