@@ -119,7 +119,9 @@ def test_generator_step_trains_only_the_adapters_and_never_the_shared_teacher(te
 
 def test_lora_ladd_run_samples_resumes_exactly_and_merges(teacher, tmp_path, capsys):
     whole, part = tmp_path / "whole", tmp_path / "part"
-    train_ladd.main(ladd(teacher, whole))
+    train_ladd.main(ladd(teacher, whole, "--memory-report"))
+    report = capsys.readouterr().out
+    assert "student LoRA adapters (fp32)" in report and "student EMA (of the adapters)" in report
     assert {"adapters.safetensors", "model.safetensors", "state.safetensors"} <= set(os.listdir(whole))
     assert not (whole / "student.safetensors").exists()
     train_ladd.main(ladd(teacher, part, "--steps", "2"))
