@@ -409,8 +409,8 @@ def train(cfg):
         run.distill = Distill(cfg.distill_weight, u.uncond_context.to(device),
                               u.uncond_pooled.to(device), teacher_pipe.defaults["cfg"])
 
-    ema = (lora.add_adapters(teacher, cfg.lora, cfg.lora_alpha or None, cfg.lora_targets)
-           if cfg.lora else mmdit.MMDiT(student.config).to(device)).requires_grad_(False)
+    ema = (make_student(cfg, teacher) if cfg.lora else  # a LoRA EMA shares the teacher's too
+           mmdit.MMDiT(student.config).to(device)).requires_grad_(False)
     load_trained(ema, trained_state(student, world), world)
     # several processes: DDP, or FSDP (in place) for student and EMA; optimizers come after
     sharded = cfg.shard and world.size > 1
@@ -459,9 +459,8 @@ def train(cfg):
         if not (world.main or sharded):
             return
         tree = {"student": trained_state(student, world), "ema": trained_state(ema, world),
-                "disc": disc.state_dict(),
-                "opt_g": world.state(student, opt_g), "opt_d": opt_d.state_dict(), "step": step,
-                "skipped": skipped}
+                "disc": disc.state_dict(), "opt_g": world.state(student, opt_g),
+                "opt_d": opt_d.state_dict(), "step": step, "skipped": skipped}
         if world.main:
             meta = training.checkpoint_metadata(
                 "train_ladd.py", cfg, pipeline.text_encoder_spec(teacher_pipe), "vae.safetensors",
