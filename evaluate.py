@@ -13,6 +13,9 @@ different settings. Writes into --out: results.json (resolved config and one ent
 results.md (a markdown table) and grid.png (a row per configuration: the first 8 captions, the
 same noise seeds in every row).
 
+With several sizes a second table gives all-correct / purity at each (`--sizes unseen`: sizes
+no shapes-world model trains at, 128x48, 48x128, 96x96 and 80x64).
+
 Columns: the judge's scores (background, colors, shapes, relation, all_correct, purity); fd, a
 Fréchet distance to rendered images of the same captions (see `features`); nfe, network
 evaluations per image (steps, twice that with classifier-free guidance); images/s and s/image,
@@ -41,7 +44,7 @@ class EvalConfig:
     shift: list = field(default_factory=list)    # SD3 schedule shift, given like --steps; none: the ckpt's
     n: int = 256                     # captions per row, split evenly over the sizes
     seed: int = 1234                 # draws the captions; image i of size k starts from noise seed + 1000k + i
-    sizes: str = None                # e.g. 64x64,96x48 (width x height); None: each checkpoint's own
+    sizes: str = None                # e.g. 64x64,96x48 (width x height), or unseen; None: the ckpt's
     out: str = "eval"                # folder for results.json, results.md and grid.png
     device: str = "auto"             # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"              # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
@@ -63,17 +66,6 @@ def parse_args(argv=None):
     """argv -> EvalConfig; list fields are repeatable options."""
     return cli.parse_config(EvalConfig, argv, "evaluate.py", __doc__, {"sampler": flow.SAMPLERS},
                         ITEM_TYPES)
-
-
-def parse_sizes(text):
-    """'64x64,96x48' -> [(64, 64), (96, 48)]."""
-    try:
-        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
-        raise ValueError(f"--sizes {text!r}: want WIDTHxHEIGHT[,WIDTHxHEIGHT...], e.g. 64x64,96x48")
-    return sizes
 
 
 def configurations(c):
@@ -106,19 +98,27 @@ def row_name(ckpt, settings):
 
 
 def markdown_table(rows):
-    """Result rows -> a markdown table, one line per row."""
+    """Result rows -> a markdown table, one line per row; with several sizes, a second table of
+    all-correct / purity at each size."""
     columns = ["name", *SCORES, "fd", "nfe", "images_per_second", "seconds_per_image"]
     header = ["name", *SCORES, "FD", "NFE/image", "images/s", "s/image"]
     cell = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(r.get(k)) for k in columns) + " |" for r in rows]
+    sizes = list(dict.fromkeys(size for r in rows for size in r.get("per_size", {})))
+    if len(sizes) > 1:
+        lines += ["", "all correct / purity at each size:", "",
+                  "| name | " + " | ".join(sizes) + " |", "|" + "---|" * (len(sizes) + 1)]
+        lines += ["| " + " | ".join([r["name"]] + [
+            f"{r['per_size'][s]['all_correct']:.4f} / {r['per_size'][s]['purity']:.4f}"
+            if s in r["per_size"] else "-" for s in sizes]) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def run(c):
     """Evaluate every configuration as EvalConfig `c` says and write the files; returns the rows."""
     rows_in = configurations(c)
-    sizes = parse_sizes(c.sizes) if c.sizes else None
+    sizes = metrics.parse_sizes(c.sizes) if c.sizes else None
     if c.n < 2:
         raise ValueError(f"--n {c.n}: need at least 2 captions (the Fréchet distance needs 2 images)")
     if c.seed < 0:

@@ -71,12 +71,13 @@ def nfe_per_image(settings):
 
 def evaluate_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **overrides):
     """(scores, images): the judge's mean scores, fd, nfe and timings for `n` captions drawn from
-    `seed`, caption j at size j % len(sizes) (default sizes: the checkpoint's); images in caption
-    order. Reference images for fd: the same captions rendered with layout seeds seed + 10^6 + j."""
+    `seed`, caption j at size j % len(sizes) (default sizes: the checkpoint's), and the judge's
+    scores at each size ("per_size": {"WxH": scores}); images in caption order. Reference images
+    for fd: the same captions rendered with layout seeds seed + 10^6 + j."""
     sizes = [tuple(s) for s in (sizes or pipe.sizes)]
     rng = np.random.default_rng(seed)
     captions = [shapes.random_caption(rng) for _ in range(n)]
-    images, references, totals, seconds = [None] * n, [None] * n, {}, 0.0
+    images, references, totals, seconds, per_size = [None] * n, [None] * n, {}, 0.0, {}
     for k, (w, h) in enumerate(sizes):
         index = list(range(k, n, len(sizes)))
         if not index:
@@ -87,7 +88,9 @@ def evaluate_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **over
                                       progress=progress, **overrides)
         seconds += time.perf_counter() - t0
         rendered = shapes.render_batch(part, w, h, seed=seed + 10 ** 6 + k * n)
-        for key, value in shapes.judge_batch(generated, part).items():
+        judged = shapes.judge_batch(generated, part)
+        per_size[f"{w}x{h}"] = {key: round(value, 4) for key, value in judged.items()}
+        for key, value in judged.items():
             totals[key] = totals.get(key, 0.0) + value * len(part)
         for i, j in enumerate(index):
             images[j], references[j] = generated[i], rendered[i]
@@ -96,7 +99,26 @@ def evaluate_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **over
     scores["nfe"] = nfe_per_image(pipeline.sampling_settings(pipe, **overrides))
     scores["images_per_second"] = round(n / seconds, 4)
     scores["seconds_per_image"] = round(seconds / n, 4)
+    scores["per_size"] = per_size
     return scores, images
+
+
+def parse_sizes(text, option="--sizes"):
+    """'64x64,unseen' -> [(64, 64), *shapes.UNSEEN]: WIDTHxHEIGHT items, or `unseen` (sizes no
+    shapes-world model trains at). Whether a size fits a model is pipeline.check_size's."""
+    sizes = []
+    for item in str(text).lower().split(","):
+        if item == "unseen":
+            sizes += shapes.UNSEEN
+            continue
+        try:
+            w, h = (int(v) for v in item.split("x"))
+        except ValueError:
+            raise ValueError(f"{option} {text!r}: want WIDTHxHEIGHT items or unseen "
+                             f"({', '.join(f'{w}x{h}' for w, h in shapes.UNSEEN)}), e.g. "
+                             "64x64,96x48") from None
+        sizes.append((w, h))
+    return sizes
 
 
 def judge_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **overrides):

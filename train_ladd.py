@@ -97,12 +97,13 @@ class Config:
     grid_every: int = 200              # comparison grid every this many steps (0: only at the end)
     ckpt_every: int = 200              # resumable state every this many steps
     judge_n: int = 256                 # shapes world: captions judged at the end (0: skip)
+    judge_sizes: str = ""              # ... at these sizes, e.g. unseen or 64x64,128x48 ("": trained)
     max_minutes: float = 0.0           # stop after this wall time (0: no limit)
     memory_report: bool = False        # print estimated and measured memory per component
 
 
 # options a resumed run may change; every other one must equal the run's saved config
-MAY_CHANGE = ("steps", "max_minutes", "log_every", "grid_every", "ckpt_every", "judge_n",
+MAY_CHANGE = ("steps", "max_minutes", "log_every", "grid_every", "ckpt_every", "judge_n", "judge_sizes",
               "memory_report", "data_dir", "device", "compile", "checkpointing")
 
 PRESETS = {
@@ -383,6 +384,22 @@ def check_config(cfg):
     return times, probs, warm
 
 
+def check_judge_sizes(cfg, pipe):
+    """--judge-sizes -> the sizes the end-of-run judge uses (None: the trained ones), each checked
+    against the teacher's patch, VAE factor and positional grid."""
+    if not cfg.judge_sizes:
+        return None
+    if cfg.task != "t2i":
+        raise ValueError("--judge-sizes: the inpainting judge uses the teacher's sizes; leave it out")
+    sizes = metrics.parse_sizes(cfg.judge_sizes, "--judge-sizes")
+    for w, h in sizes:
+        try:
+            pipeline.check_size(pipe, w, h)
+        except ValueError as e:
+            raise ValueError(f"--judge-sizes {cfg.judge_sizes}: {e}") from None
+    return sizes
+
+
 def train(cfg):
     started = time.time()
     schedule = check_config(cfg)
@@ -395,6 +412,7 @@ def train(cfg):
     # everything that can be wrong with the input fails here, before any work
     teacher_pipe = load_teacher(cfg, device, amp)
     teacher = teacher_pipe.model.requires_grad_(False)
+    judge_sizes = check_judge_sizes(cfg, teacher_pipe)
     describe, take = ladd_data.prompt_source(cfg, teacher_pipe)
     student = make_student(cfg, teacher).to(device)
     disc = Discriminator.for_teacher(teacher.config, cfg.disc_blocks, cfg.disc_hidden).to(device)
@@ -539,7 +557,7 @@ def train(cfg):
                 scores = metrics.judge_edits(student_pipe, cfg.judge_n, progress=world.main)
             else:
                 scores = metrics.judge_pipeline(student_pipe, cfg.judge_n, seed=1234,
-                                                progress=world.main)
+                                                sizes=judge_sizes, progress=world.main)
             print(f"student, 4 steps, {'edits ' * (cfg.task == 'inpaint')}judged:",
                   json.dumps(scores))
             extra["judge"] = json.dumps(scores)

@@ -54,7 +54,7 @@ def test_main_writes_a_row_per_configuration_and_is_deterministic(teacher, tmp_p
     assert rows[0]["sizes"] == [[16, 16], [24, 16]] and first["config"]["n"] == 6
 
     table = (tmp_path / "a" / "results.md").read_text().splitlines()
-    assert len(table) == 2 + 2 and "FD" in table[0] and "NFE/image" in table[0] and "s/image" in table[0]
+    assert table.index("") == 2 + 2 and "FD" in table[0] and "NFE/image" in table[0] and "s/image" in table[0]
     assert rows[1]["name"] in table[3]
     # 2 rows of the first 6 captions (fewer than 8), cells as large as the largest (24x16), labels left
     w, h = Image.open(tmp_path / "a" / "grid.png").size
@@ -143,3 +143,32 @@ def test_read_only_out_fails_before_evaluating(teacher, tmp_path, capsys, no_loa
         assert files(out) == {"results.md": b"an earlier result"}
     finally:
         out.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------------------------
+# sizes no model was trained at
+
+
+def test_sizes_outside_the_training_buckets_are_judged_per_size(teacher, tmp_path):
+    results = run(teacher, tmp_path / "o", "--sizes", "32x16,16x32,24x24")  # trained: 16x16, 24x16
+    for row in results["results"]:
+        assert list(row["per_size"]) == ["32x16", "16x32", "24x24"]
+        assert row["sizes"] == [[32, 16], [16, 32], [24, 24]]
+        per_size = [row["per_size"][s]["all_correct"] for s in row["per_size"]]
+        assert row["all_correct"] == pytest.approx(sum(per_size) / 3, abs=1e-3)  # 2 captions each
+    table = (tmp_path / "o" / "results.md").read_text()
+    assert "all correct / purity at each size" in table and "| 32x16 | 16x32 | 24x24 |" in table
+    assert metrics.parse_sizes("64x64,unseen") == [(64, 64), *shapes.UNSEEN]
+
+
+@pytest.mark.parametrize("size, words", [
+    ("0x16", ["0x16", "multiples of 4", "from 4 to 64", "trained sizes: 16x16, 24x16"]),
+    ("18x16", ["18x16", "nearest valid sizes: 16x16 or 20x16"]),
+    ("128x16", ["128x16", "from 4 to 64"]),       # beyond the positional grid (16 x 4 pixels)
+    ("unseen", ["128x48", "from 4 to 64"]),       # the shapes world's unseen sizes: too big here
+    ("big", ["--sizes 'big'", "WIDTHxHEIGHT", "unseen"]),
+])
+def test_a_size_that_does_not_fit_names_the_allowed_ones(teacher, tmp_path, capsys, size, words):
+    expect_error(capsys, ["--ckpt", teacher, "--sizes", size, "--n", "4", "--out", str(tmp_path / "o"),
+                          "--device", "cpu", "--quiet"], *words)
+    assert not (tmp_path / "o").exists()

@@ -457,3 +457,15 @@ def test_inpainting_ladd_end_to_end(tmp_path, capsys):
     plain = os.path.join(tmp_path, "model.safetensors")
     expect_one_line_error(train_ladd.main, capsys, argv(plain, tmp_path / "x", "--task", "inpaint"),
                           "inpainting teacher")
+
+
+def test_the_end_of_run_judge_at_sizes_no_model_trained_at(teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_ladd.main(argv(teacher, out, "--steps", "1", "--judge-n", "4", "--judge-sizes", "32x16,16x32"))
+    judge = [json.loads(line) for line in open(out / "log.jsonl")][-1]["judge"]
+    assert list(judge["per_size"]) == ["32x16", "16x32"]
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, bad, "--judge-sizes", "18x16"),
+                          "--judge-sizes 18x16", "multiples of 4", "trained sizes: 16x16, 24x16")
+    assert not bad.exists()
