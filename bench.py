@@ -240,7 +240,8 @@ def diffusers_twin(config, ours):
         from diffusers import SD3Transformer2DModel
     except ImportError:
         raise ValueError("--compare-diffusers needs the diffusers package, which is not "
-                         "importable here (pip install diffusers; it is not a requirement)") from None
+                         "importable here (pip install -r requirements-dev.txt; it is not a run-time "
+                         "requirement)") from None
     if config.mlp_ratio != 4:
         raise ValueError(f"--compare-diffusers: diffusers' SD3 transformer has MLP ratio 4, this "
                          f"config {config.mlp_ratio}")

@@ -17,6 +17,16 @@ PROMPTS = ["a red circle on a blue background",
            "a purple triangle above a orange circle on a black background"]
 
 
+LADD_SAMPLER = {"steps": 2, "cfg": 2.0, "shift": 1.0, "sampler": "euler"}  # a fast tiny teacher's
+
+
+def ladd_argv(teacher, out, *extra):
+    """train_ladd.py's test preset on a tiny teacher; its data cached beside it (made once)."""
+    data = os.path.join(os.path.dirname(teacher), "data")
+    return ["--preset", "test", "--teacher", teacher, "--out", str(out), "--data-dir", data,
+            "--device", "cpu", "--judge-n", "0", *extra]
+
+
 def make_checkpoint(folder, sampler, name="model.safetensors"):
     """A tiny MMDiT (random, non-zero weights so it does something) + the test VAE, with the
     metadata train_teacher.py / train_ladd.py write."""

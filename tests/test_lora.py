@@ -10,23 +10,20 @@ import sample
 import train_ladd
 import training
 import weights
-from conftest import PROMPTS, expect_one_line_error, make_checkpoint, read_png
+from conftest import LADD_SAMPLER, PROMPTS, expect_one_line_error, ladd_argv, make_checkpoint, read_png
 from discriminator import Discriminator
 from pipeline import load_pipeline
 
 ONE_THREAD = True
-SAMPLER = {"steps": 2, "cfg": 2.0, "shift": 1.0, "sampler": "euler"}
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("teacher")), SAMPLER)
+    return make_checkpoint(str(tmp_path_factory.mktemp("teacher")), LADD_SAMPLER)
 
 
 def ladd(teacher, out, *extra):
-    data = os.path.join(os.path.dirname(teacher), "data")
-    return ["--preset", "test", "--teacher", teacher, "--out", str(out), "--data-dir", data,
-            "--device", "cpu", "--judge-n", "0", "--lora", "4", *extra]
+    return ladd_argv(teacher, out, "--lora", "4", *extra)
 
 
 def inputs(config, seed=0):

@@ -15,22 +15,18 @@ import ladd_data
 import train_ladd
 import train_teacher
 import weights
-from conftest import expect_one_line_error, files, make_checkpoint
+from conftest import LADD_SAMPLER, expect_one_line_error, files, ladd_argv, make_checkpoint
 
 ONE_THREAD = True
-SAMPLER = {"steps": 2, "cfg": 2.0, "shift": 1.0, "sampler": "euler"}
 TEACHER_FAST = ["--preset", "test", "--judge-n", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("teacher")), SAMPLER)
+    return make_checkpoint(str(tmp_path_factory.mktemp("teacher")), LADD_SAMPLER)
 
 
-def ladd(teacher, out, *extra):
-    data = os.path.join(os.path.dirname(teacher), "data")  # shared cache: generated once
-    return ["--preset", "test", "--teacher", teacher, "--out", str(out), "--data-dir", data,
-            "--device", "cpu", "--judge-n", "0", *extra]
+ladd = ladd_argv
 
 
 def log_steps(folder):

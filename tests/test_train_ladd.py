@@ -10,23 +10,19 @@ import mmdit
 import train_ladd
 import training
 import weights
-from conftest import expect_one_line_error, make_checkpoint
+from conftest import LADD_SAMPLER, expect_one_line_error, ladd_argv, make_checkpoint
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss
 from pipeline import load_pipeline
 
 ONE_THREAD = True
-TEACHER_SAMPLER = {"steps": 2, "cfg": 2.0, "shift": 1.0, "sampler": "euler"}
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("teacher")), TEACHER_SAMPLER)
+    return make_checkpoint(str(tmp_path_factory.mktemp("teacher")), LADD_SAMPLER)
 
 
-def argv(teacher, out, *extra):
-    data = os.path.join(os.path.dirname(teacher), "data")  # shared cache: generated once
-    return ["--preset", "test", "--teacher", teacher, "--out", str(out), "--data-dir", data,
-            "--device", "cpu", "--judge-n", "0", *extra]
+argv = ladd_argv
 
 
 def models(teacher_path):
@@ -426,7 +422,7 @@ def test_inpainting_ladd_end_to_end(tmp_path, capsys):
     """--task inpaint: data carry the mask and known latent, student, teacher and heads all read
     them, and the student is an inpainting model judged on edits."""
     from conftest import make_inpainting_checkpoint
-    teacher = make_inpainting_checkpoint(str(tmp_path), TEACHER_SAMPLER)
+    teacher = make_inpainting_checkpoint(str(tmp_path), LADD_SAMPLER)
     out = tmp_path / "inp"
     train_ladd.main(argv(teacher, out, "--task", "inpaint", "--judge-n", "2"))
     assert "edits judged" in capsys.readouterr().out
