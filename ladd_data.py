@@ -92,14 +92,14 @@ def content_id(path, data_dir):
     return hashlib.sha256(json.dumps(digests).encode()).hexdigest()[:16]
 
 
-def data_settings(cfg, pipe, describe):
+def data_settings(cfg, pipe, describe, sizes):
     """Everything the dataset depends on; its hash names the cache folder."""
     d = pipe.defaults
     settings = {"kind": cfg.data, "teacher": content_id(pipe.path, cfg.data_dir),
                 "text_encoder": pipeline.text_encoder_spec(pipe), "prompts": describe,
                 "steps": cfg.data_steps or d["steps"], "cfg": cfg.data_cfg or d["cfg"],
                 "shift": d.get("shift"), "sampler": d["sampler"],
-                "sizes": [list(s) for s in pipe.sizes], "size": cfg.data_size, "seed": cfg.seed}
+                "sizes": [list(s) for s in sizes], "size": cfg.data_size, "seed": cfg.seed}
     if cfg.data == "real" or cfg.task == "inpaint":  # the VAE encodes the data
         vae = hashlib.sha256(str(pipe.vae.config).encode())  # its scale and shift too
         for name, t in sorted(pipe.vae.state_dict().items()):
@@ -111,22 +111,22 @@ def data_settings(cfg, pipe, describe):
 SHARD = 64  # latents per cache file
 
 
-def build_dataset(cfg, pipe, describe, take, world=training.World()):
+def build_dataset(cfg, pipe, describe, take, sizes, world=training.World()):
     """-> {(width, height): ([latents [n, C, h, w] of each shard], [context [n, L, Dc] ...],
     [pooled [n, Dp] ...])}: fp16 views of the memory-mapped cache files (sample_batch reads
     rows of them). Generates (and caching, one atomic shard at a time) whatever is missing. With several
     processes each generates its share of the missing shards; then every rank reads them all."""
-    settings = data_settings(cfg, pipe, describe)
+    settings = data_settings(cfg, pipe, describe, sizes)
     folder = os.path.join(cfg.data_dir, hashlib.sha1(json.dumps(settings, sort_keys=True)
                                                      .encode()).hexdigest()[:16])
     os.makedirs(folder, exist_ok=True)
     if world.main:
         weights.atomic_write(os.path.join(folder, "settings.json"),
                              lambda f: f.write(json.dumps(settings, indent=1).encode()))
-    per_size = max(1, cfg.data_size // len(pipe.sizes))
+    per_size = max(1, cfg.data_size // len(sizes))
     shards = [(os.path.join(folder, f"{w}x{h}_{start // SHARD:04d}.safetensors"), (w, h),
                list(range(k * per_size + start, k * per_size + min(start + SHARD, per_size))))
-              for k, (w, h) in enumerate(pipe.sizes) for start in range(0, per_size, SHARD)]
+              for k, (w, h) in enumerate(sizes) for start in range(0, per_size, SHARD)]
     missing = [s for s in shards if not os.path.isfile(s[0])]
     for path, (w, h), index in tqdm(missing[world.rank::world.size], desc=f"{cfg.data} data",
                                     unit="shard", dynamic_ncols=True, disable=not world.main):
@@ -139,8 +139,8 @@ def build_dataset(cfg, pipe, describe, take, world=training.World()):
         for parts, key in zip(dataset.setdefault(size, tuple([] for _ in keys)), keys):
             parts.append(shard[key])
     made = sum(len(index) for _, _, index in missing)
-    print(f"data: {per_size * len(pipe.sizes)} {cfg.data} latents in {folder} "
-          f"({made} generated now, {per_size * len(pipe.sizes) - made} from the cache)")
+    print(f"data: {per_size * len(sizes)} {cfg.data} latents in {folder} "
+          f"({made} generated now, {per_size * len(sizes) - made} from the cache)")
     return dataset
 
 

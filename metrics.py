@@ -103,20 +103,24 @@ def evaluate_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **over
     return scores, images
 
 
+SIZE_SETS = {"unseen": shapes.UNSEEN, "many": shapes.MANY}
+
+
 def parse_sizes(text, option="--sizes"):
-    """'64x64,unseen' -> [(64, 64), *shapes.UNSEEN]: WIDTHxHEIGHT items, or `unseen` (sizes no
-    shapes-world model trains at). Whether a size fits a model is pipeline.check_size's."""
+    """'64x64,unseen' -> [(64, 64), *shapes.UNSEEN]: WIDTHxHEIGHT items, or a named set: `unseen`
+    (sizes no shapes-world model trains at), `many` (eight training buckets, none of them unseen).
+    Whether a size fits a model is pipeline.check_size's."""
     sizes = []
     for item in str(text).lower().split(","):
-        if item == "unseen":
-            sizes += shapes.UNSEEN
+        if item in SIZE_SETS:
+            sizes += SIZE_SETS[item]
             continue
         try:
             w, h = (int(v) for v in item.split("x"))
         except ValueError:
-            raise ValueError(f"{option} {text!r}: want WIDTHxHEIGHT items or unseen "
-                             f"({', '.join(f'{w}x{h}' for w, h in shapes.UNSEEN)}), e.g. "
-                             "64x64,96x48") from None
+            sets = "; ".join(f"{k} ({', '.join(f'{w}x{h}' for w, h in v)})" for k, v in SIZE_SETS.items())
+            raise ValueError(f"{option} {text!r}: want WIDTHxHEIGHT items or a named set: {sets}; "
+                             "e.g. 64x64,96x48") from None
         sizes.append((w, h))
     return sizes
 

@@ -44,6 +44,7 @@ FORMS = (
 )
 SIZES = {"square": (64, 64), "landscape": (96, 48), "portrait": (48, 96)}  # aspect buckets, (width, height)
 UNSEEN = [(128, 48), (48, 128), (96, 96), (80, 64)]  # no model trains at these: wider, taller, larger
+MANY = [(64, 64), (72, 72), (96, 48), (48, 96), (80, 56), (56, 80), (112, 48), (48, 112)]  # none unseen
 MIN_SIDE, MAX_SIDE = 0.30, 0.45  # object box side as a fraction of the image's shorter side
 GAP = 0.05                       # minimum gap between two objects, fraction of the shorter side
 MIN_CANVAS = 16                  # smallest width or height we draw

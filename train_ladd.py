@@ -66,6 +66,7 @@ class Config:
     # data
     data: str = "synthetic"            # synthetic: teacher latents | real: world renders via the VAE
     data_size: int = 576               # latents in the dataset, split evenly over the sizes
+    data_sizes: str = ""               # its aspect-ratio buckets, e.g. many or 64x64,112x48 ("": the teacher's)
     data_dir: str = "runs/data"        # dataset cache; reused by every run with the same settings
     data_steps: int = 0                # teacher sampling steps for synthetic data (0: its default)
     data_cfg: float = 0.0              # teacher guidance for synthetic data (0: its default)
@@ -384,19 +385,20 @@ def check_config(cfg):
     return times, probs, warm
 
 
-def check_judge_sizes(cfg, pipe):
-    """--judge-sizes -> the sizes the end-of-run judge uses (None: the trained ones), each checked
+def check_sizes(cfg, pipe, name):
+    """--data-sizes / --judge-sizes -> [(width, height), ...] (None: the teacher's), each checked
     against the teacher's patch, VAE factor and positional grid."""
-    if not cfg.judge_sizes:
+    text, option = getattr(cfg, name), "--" + name.replace("_", "-")
+    if not text:
         return None
     if cfg.task != "t2i":
-        raise ValueError("--judge-sizes: the inpainting judge uses the teacher's sizes; leave it out")
-    sizes = metrics.parse_sizes(cfg.judge_sizes, "--judge-sizes")
+        raise ValueError(f"{option}: inpainting uses the teacher's sizes; leave it out")
+    sizes = metrics.parse_sizes(text, option)
     for w, h in sizes:
         try:
             pipeline.check_size(pipe, w, h)
         except ValueError as e:
-            raise ValueError(f"--judge-sizes {cfg.judge_sizes}: {e}") from None
+            raise ValueError(f"{option} {text}: {e}") from None
     return sizes
 
 
@@ -412,7 +414,8 @@ def train(cfg):
     # everything that can be wrong with the input fails here, before any work
     teacher_pipe = load_teacher(cfg, device, amp)
     teacher = teacher_pipe.model.requires_grad_(False)
-    judge_sizes = check_judge_sizes(cfg, teacher_pipe)
+    judge_sizes = check_sizes(cfg, teacher_pipe, "judge_sizes")
+    sizes = check_sizes(cfg, teacher_pipe, "data_sizes") or teacher_pipe.sizes  # the student's
     describe, take = ladd_data.prompt_source(cfg, teacher_pipe)
     student = make_student(cfg, teacher).to(device)
     disc = Discriminator.for_teacher(teacher.config, cfg.disc_blocks, cfg.disc_hidden).to(device)
@@ -455,7 +458,7 @@ def train(cfg):
     student_pipe = pipeline.Pipeline(
         model=ema, text_encoder=teacher_pipe.text_encoder, vae=teacher_pipe.vae,
         defaults={"times": schedule[0], "steps": len(schedule[0]), "cfg": 1.0,
-                  "sampler": cfg.sampler}, sizes=teacher_pipe.sizes, path=cfg.out)
+                  "sampler": cfg.sampler}, sizes=sizes, path=cfg.out)
     grid, grid_cache = take(list(range(10_000_000, 10_000_006))), {}  # fixed, outside the data
     if cfg.task == "inpaint":  # six fixed edits instead
         w, h = teacher_pipe.sizes[0]
@@ -482,7 +485,7 @@ def train(cfg):
         if world.main:
             meta = training.checkpoint_metadata(
                 "train_ladd.py", cfg, pipeline.text_encoder_spec(teacher_pipe), "vae.safetensors",
-                {"times": schedule[0], "cfg": 1.0, "sampler": cfg.sampler}, teacher_pipe.sizes,
+                {"times": schedule[0], "cfg": 1.0, "sampler": cfg.sampler}, sizes,
                 teacher=os.path.abspath(teacher_pipe.path), train_steps=str(step), **extra)
             if cfg.lora:  # the EMA merged into the teacher's weights, and its adapters alone
                 ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"), meta,
@@ -495,7 +498,7 @@ def train(cfg):
             weights.save_state(tree, state_path)
 
     try:  # generated once, then read from the cache (an interrupted generation continues)
-        dataset = ladd_data.build_dataset(cfg, teacher_pipe, describe, take, world)
+        dataset = ladd_data.build_dataset(cfg, teacher_pipe, describe, take, sizes, world)
     except KeyboardInterrupt:
         if not os.path.isfile(state_path):
             save(start)

@@ -321,7 +321,7 @@ def test_the_dataset_is_memory_mapped_fp16_read_as_fp32_rows(teacher, tmp_path):
     cfg = train_ladd.Config(**json.load(open(out / "config.json")))
     pipe = train_ladd.load_teacher(cfg, torch.device("cpu"), torch.float32)
     describe, take = ladd_data.prompt_source(cfg, pipe)
-    dataset = ladd_data.build_dataset(cfg, pipe, describe, take)
+    dataset = ladd_data.build_dataset(cfg, pipe, describe, take, pipe.sizes)
     for bucket in dataset.values():
         latents = bucket[0]
         assert [len(p) for p in latents] == [64, 6]  # two shards: SHARD rows, then the rest

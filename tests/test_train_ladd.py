@@ -1,3 +1,4 @@
+import glob
 import json
 import os
 
@@ -453,6 +454,28 @@ def test_inpainting_ladd_end_to_end(tmp_path, capsys):
     plain = os.path.join(tmp_path, "model.safetensors")
     expect_one_line_error(train_ladd.main, capsys, argv(plain, tmp_path / "x", "--task", "inpaint"),
                           "inpainting teacher")
+
+
+def test_data_at_other_sizes_than_the_teachers(teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_ladd.main(argv(teacher, out, "--steps", "2", "--data-size", "6", "--judge-n", "3",
+                         "--data-sizes", "16x16,32x16,16x24", "--data-dir", str(tmp_path / "data")))
+    meta = weights.load_metadata(str(out / "model.safetensors"))
+    assert json.loads(meta["sizes"]) == [[16, 16], [32, 16], [16, 24]]  # the student's buckets
+    settings = [json.load(open(f)) for f in glob.glob(str(tmp_path / "data" / "*" / "settings.json"))]
+    assert [s["sizes"] for s in settings] == [[[16, 16], [32, 16], [16, 24]]]
+    shard_sizes = sorted(os.path.basename(f).split("_")[0]
+                         for f in glob.glob(str(tmp_path / "data" / "*" / "*x*_*.safetensors")))
+    assert shard_sizes == ["16x16", "16x24", "32x16"]  # two latents each, one shard per size
+    judge = [json.loads(line) for line in open(out / "log.jsonl")][-1]["judge"]
+    assert list(judge["per_size"]) == ["16x16", "32x16", "16x24"]  # judged where it trained
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, bad, "--data-sizes", "16x0"),
+                          "--data-sizes 16x0", "multiples of 4", "trained sizes: 16x16, 24x16")
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, bad, "--data-sizes", "lots"),
+                          "--data-sizes 'lots'", "WIDTHxHEIGHT", "many (64x64, 72x72")
+    assert not bad.exists()
 
 
 def test_the_end_of_run_judge_at_sizes_no_model_trained_at(teacher, tmp_path, capsys):
