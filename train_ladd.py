@@ -561,11 +561,22 @@ def train(cfg):
             else:
                 scores = metrics.judge_pipeline(student_pipe, cfg.judge_n, seed=1234,
                                                 sizes=judge_sizes, progress=world.main)
-            print(f"student, 4 steps, {'edits ' * (cfg.task == 'inpaint')}judged:",
+            n = len(schedule[0])
+            print(f"student, {n} steps, {'edits ' * (cfg.task == 'inpaint')}judged:",
                   json.dumps(scores))
+            record = {"step": step, "judge": scores}
+            if cfg.task == "t2i":  # the same student with fewer steps: times 1, .5 and 1
+                record["judge_fewer_steps"] = {}
+                for k in [k for k in (2, 1) if k < n]:
+                    record["judge_fewer_steps"][k] = metrics.judge_pipeline(
+                        student_pipe, cfg.judge_n, seed=1234, sizes=judge_sizes, steps=k)
+                    print(f"student, {k} step{'s' * (k > 1)}, judged: all_correct "
+                          f"{record['judge_fewer_steps'][k]['all_correct']}, purity "
+                          f"{record['judge_fewer_steps'][k]['purity']}")
+                extra["judge_fewer_steps"] = json.dumps(record["judge_fewer_steps"])
             extra["judge"] = json.dumps(scores)
             if logf:
-                logf.write(json.dumps({"step": step, "judge": scores}) + "\n")
+                logf.write(json.dumps(record) + "\n")
     if logf:
         logf.close()
     save(step, **extra)

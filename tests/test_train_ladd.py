@@ -7,6 +7,7 @@ import torch
 
 import flow
 import ladd_data
+import metrics
 import mmdit
 import train_ladd
 import training
@@ -456,6 +457,21 @@ def test_inpainting_ladd_end_to_end(tmp_path, capsys):
                           "inpainting teacher")
 
 
+def test_the_seed_moves_data_heads_and_draws_and_repeats_exactly(teacher, tmp_path):
+    runs = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        out = tmp_path / name
+        train_ladd.main(argv(teacher, out, "--steps", "2", "--seed", seed, "--data-dir",
+                             str(tmp_path / "data")))
+        runs[name] = (weights.load_file(str(out / "model.safetensors")),
+                      weights.load_state(str(out / "state.safetensors"))["disc"])
+    same = lambda x, y: x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert same(runs["a"][0], runs["b"][0]) and same(runs["a"][1], runs["b"][1])
+    assert not same(runs["a"][0], runs["c"][0]) and not same(runs["a"][1], runs["c"][1])
+    seeds = sorted(json.load(open(f))["seed"] for f in glob.glob(str(tmp_path / "data" / "*" / "settings.json")))
+    assert seeds == [0, 1]  # a dataset of its own per seed (its captions and noises)
+
+
 def test_data_at_other_sizes_than_the_teachers(teacher, tmp_path, capsys):
     out = tmp_path / "run"
     train_ladd.main(argv(teacher, out, "--steps", "2", "--data-size", "6", "--judge-n", "3",
@@ -481,8 +497,21 @@ def test_data_at_other_sizes_than_the_teachers(teacher, tmp_path, capsys):
 def test_the_end_of_run_judge_at_sizes_no_model_trained_at(teacher, tmp_path, capsys):
     out = tmp_path / "run"
     train_ladd.main(argv(teacher, out, "--steps", "1", "--judge-n", "4", "--judge-sizes", "32x16,16x32"))
-    judge = [json.loads(line) for line in open(out / "log.jsonl")][-1]["judge"]
-    assert list(judge["per_size"]) == ["32x16", "16x32"]
+    record = [json.loads(line) for line in open(out / "log.jsonl")][-1]
+    assert list(record["judge"]["per_size"]) == ["32x16", "16x32"]
+    # the same student at 2 and 1 steps (times 1, .5 and 1), as sampling it with --steps gives
+    fewer = record["judge_fewer_steps"]
+    assert list(fewer) == ["2", "1"] and [fewer[k]["nfe"] for k in fewer] == [2, 1]
+    pipe = load_pipeline(str(out / "model.safetensors"))
+    for k in (2, 1):
+        again = metrics.judge_pipeline(pipe, 4, seed=1234, sizes=[(32, 16), (16, 32)], steps=k)
+        assert {m: again[m] for m in ("all_correct", "purity", "fd")} == \
+            {m: fewer[str(k)][m] for m in ("all_correct", "purity", "fd")}
+    assert json.loads(weights.load_metadata(out / "model.safetensors")["judge_fewer_steps"]) == fewer
+    two = tmp_path / "two"  # a two-time student is also judged at 1 step
+    train_ladd.main(argv(teacher, two, "--steps", "1", "--judge-n", "2", "--times", "1,0.5",
+                         "--time-probs", "1,1", "--warmup-probs", "1,1"))
+    assert list([json.loads(line) for line in open(two / "log.jsonl")][-1]["judge_fewer_steps"]) == ["1"]
     capsys.readouterr()
     bad = tmp_path / "bad"
     expect_one_line_error(train_ladd.main, capsys, argv(teacher, bad, "--judge-sizes", "18x16"),
