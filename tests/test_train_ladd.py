@@ -1,3 +1,4 @@
+import dataclasses
 import glob
 import json
 import os
@@ -517,3 +518,10 @@ def test_the_end_of_run_judge_at_sizes_no_model_trained_at(teacher, tmp_path, ca
     expect_one_line_error(train_ladd.main, capsys, argv(teacher, bad, "--judge-sizes", "18x16"),
                           "--judge-sizes 18x16", "multiples of 4", "trained sizes: 16x16, 24x16")
     assert not bad.exists()
+
+
+def test_the_long_preset_is_the_default_run_with_twice_the_steps():
+    default, long = train_ladd.Config(), train_ladd.Config(**train_ladd.PRESETS["long"])
+    assert long.steps == 2 * default.steps
+    differs = {f.name for f in dataclasses.fields(default) if getattr(default, f.name) != getattr(long, f.name)}
+    assert differs == {"steps"}  # the same data (cached), schedule and EMA
