@@ -1,7 +1,7 @@
 """
 Benchmarks, measured side by side in one run (ratios, not absolute targets, are what to compare).
 
-    python bench.py mmdit --config sd3-medium --depth 2 --size 256x256 --backward --compare-diffusers
+    python bench.py mmdit --config sd3-medium --depth 2 --size 256x256 --backward
     python bench.py sample                             # teacher (28 guided steps) vs 4 and 1 steps
     python bench.py ladd --config shapes --batch 32    # one LADD step: time, peak memory
     python bench.py vae                                # tiled vs untiled VAE decode: peak memory, time
@@ -10,8 +10,9 @@ Benchmarks, measured side by side in one run (ratios, not absolute targets, are 
 mmdit: forward (and with --backward forward+backward) of an MMDiT of a named config, random
 weights, median of a few timed iterations after warm-up; image tokens/s and TFLOP/s from a FLOP
 count of the config (`mmdit_flops`), on CUDA also the share of the card's matmul peak measured in
-the same run. --compare-diffusers times diffusers' SD3Transformer2DModel with the same weights
-in the same run, iterations interleaved, so both see the same machine load; --compile times the
+the same run. tests/bench_diffusers.py (a development tool: requirements-dev.txt) adds diffusers'
+SD3Transformer2DModel with the same weights, iterations interleaved, so both see the same machine
+load; --compile times the
 model with torch.compile'd blocks (MMDiT.compile_blocks) beside the eager one.
 sample: end to end (text encoding, sampling, VAE decode) images/s of a checkpoint at its default
 (guided, many-step) setting vs 4 and 1 unguided steps; a student has the teacher's architecture,
@@ -234,41 +235,13 @@ def matmul_peak(device, dtype, n=8192, iters=10):
 # mmdit: our MMDiT (and diffusers' SD3 transformer) forward and forward+backward
 
 
-def diffusers_twin(config, ours):
-    """diffusers' SD3Transformer2DModel of the same shapes, holding `ours`'s weights."""
-    try:
-        from diffusers import SD3Transformer2DModel
-    except ImportError:
-        raise ValueError("--compare-diffusers needs the diffusers package, which is not "
-                         "importable here (pip install -r requirements-dev.txt; it is not a run-time "
-                         "requirement)") from None
-    if config.mlp_ratio != 4:
-        raise ValueError(f"--compare-diffusers: diffusers' SD3 transformer has MLP ratio 4, this "
-                         f"config {config.mlp_ratio}")
-    param = next(ours.parameters())
-    with torch.device(param.device):
-        ref = SD3Transformer2DModel(
-            sample_size=config.pos_embed_max_size, patch_size=config.patch_size,
-            in_channels=config.in_channels, num_layers=config.depth,
-            attention_head_dim=config.head_dim, num_attention_heads=config.num_heads,
-            joint_attention_dim=config.context_dim, caption_projection_dim=config.hidden_size,
-            pooled_projection_dim=config.pooled_dim, out_channels=config.out_channels,
-            pos_embed_max_size=config.pos_embed_max_size,
-            dual_attention_layers=config.dual_attention_layers,
-            qk_norm="rms_norm" if config.qk_norm else None)
-    ref = torch.nn.Module.to(ref, param.device, param.dtype)  # diffusers' own .to warns about dtypes
-    missing, unexpected = ref.load_state_dict(mmdit.to_diffusers(ours.state_dict()), strict=False)
-    if unexpected or set(missing) - {"pos_embed.pos_embed"}:
-        raise RuntimeError(f"diffusers' model does not take our weights: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    return ref
-
-
-def measure_mmdit(config, x, t, context, pooled, backward, warmup, iters, compare=False,
+def measure_mmdit(config, x, t, context, pooled, backward, warmup, iters, reference=None,
                   compile=False):
-    """-> {(model, pass): median seconds}, model 'ours' (and 'ours, compiled', 'diffusers'), pass
-    'forward' (and 'forward+backward': loss = mean square of the output, gradients of every
-    weight). Compiling happens in the warm-up, which is then at least one iteration."""
+    """-> {(model, pass): median seconds}, model 'ours' (and 'ours, compiled', a reference's name),
+    pass 'forward' (and 'forward+backward': loss = mean square of the output, gradients of every
+    weight). reference(config, ours) -> (name, model, run(x, t, context, pooled)): another
+    implementation holding the same weights (tests/bench_diffusers.py). Compiling happens in the
+    warm-up, which is then at least one iteration."""
     ours = random_mmdit(config, x.device, x.dtype)
     models = {"ours": (ours, lambda: ours(x, t, context, pooled))}
     if compile:
@@ -277,11 +250,9 @@ def measure_mmdit(config, x, t, context, pooled, backward, warmup, iters, compar
         fast.compile_blocks()
         models["ours, compiled"] = (fast, lambda: fast(x, t, context, pooled))
         warmup = max(warmup, 1)
-    if compare:
-        ref = diffusers_twin(config, ours)
-        models["diffusers"] = (ref, lambda: ref(
-            hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
-            timestep=1000 * t, return_dict=False)[0])
+    if reference:
+        name, ref, run_ref = reference(config, ours)
+        models[name] = (ref, lambda: run_ref(x, t, context, pooled))
     cases = {}
     for name, (model, run) in models.items():
         def forward(run=run):
@@ -297,7 +268,8 @@ def measure_mmdit(config, x, t, context, pooled, backward, warmup, iters, compar
     return time_cases(cases, x.device, warmup, iters)
 
 
-def bench_mmdit(a):
+def bench_mmdit(a, reference=None):
+    """The mmdit table; reference: see measure_mmdit (its column: ours / its time)."""
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
     config = model_config(a.config, a.depth)
@@ -309,8 +281,8 @@ def bench_mmdit(a):
     cuda = device.type == "cuda"
     warmup, iters = defaults_for(a, (3, 10) if cuda else (1, 3))
     inputs = mmdit_inputs(config, a.batch, h, w, text_tokens, device, dtype)
-    seconds = measure_mmdit(config, *inputs, a.backward, warmup, iters, a.compare_diffusers,
-                            a.compile)
+    seconds = measure_mmdit(config, *inputs, a.backward, warmup, iters, reference, a.compile)
+    ref = [m for m, _ in seconds if m not in ("ours", "ours, compiled")]
     peak = matmul_peak(device, dtype) if cuda else None
     flops = a.batch * mmdit_flops(config, N, text_tokens)
 
@@ -323,15 +295,15 @@ def bench_mmdit(a):
           + (f"; {str(dtype).removeprefix('torch.')} matmul peak of this card, measured now: "
              f"{peak / 1e12:.0f} TFLOP/s" if cuda else ""))
     header = ["model", "pass", "ms / iter", "image tokens / s", "TFLOP/s"]
-    header += ["% of matmul peak"] * cuda + ["ours / diffusers time"] * a.compare_diffusers
+    header += ["% of matmul peak"] * cuda + [f"ours / {name} time" for name in ref]
     rows = []
     for (model, kind), s in sorted(seconds.items(), key=lambda item: item[0][1] != "forward"):
         achieved = flops * (3 if kind == "forward+backward" else 1) / s
         row = [model, kind, f"{1000 * s:.1f}", f"{a.batch * N / s:,.0f}", f"{achieved / 1e12:.3g}"]
         if cuda:
             row.append(f"{100 * achieved / peak:.0f}")
-        if a.compare_diffusers:
-            row.append(f"{s / seconds['diffusers', kind]:.2f}" if model != "diffusers" else "")
+        for name in ref:
+            row.append(f"{s / seconds[name, kind]:.2f}" if model != name else "")
         rows.append(row)
     print(markdown(header, rows))
     return seconds
@@ -770,8 +742,6 @@ def parse_args(argv=None):
     m.add_argument("--backward", action="store_true", help="also time forward+backward")
     m.add_argument("--compile", action="store_true",
                    help="also time the model with torch.compile'd blocks (MMDiT.compile_blocks)")
-    m.add_argument("--compare-diffusers", action="store_true",
-                   help="also time diffusers' SD3Transformer2DModel, same shapes and weights")
     s = sub.add_parser("sample", help="end-to-end sampling speed: default vs 4 and 1 steps",
                        allow_abbrev=False)
     common(s, size=False)

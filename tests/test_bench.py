@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import bench_diffusers
 import mmdit
 from conftest import expect_one_line_error, make_checkpoint
 
@@ -80,7 +81,7 @@ def test_mmdit_table(capsys):
 
 def test_mmdit_compare_diffusers(capsys):
     pytest.importorskip("diffusers")
-    bench.main(["mmdit", *TINY, "--backward", "--compare-diffusers"])
+    bench_diffusers.main([*TINY, "--backward"])
     header, rows = last_table(capsys.readouterr().out)
     assert header[-1] == "ours / diffusers time"
     assert [r[:2] for r in rows] == [["ours", "forward"], ["diffusers", "forward"],
@@ -92,7 +93,7 @@ def test_diffusers_twin_computes_what_ours_does():
     pytest.importorskip("diffusers")
     config = mmdit.CONFIGS["test"]
     ours = bench.random_mmdit(config, torch.device("cpu"), torch.float32)
-    ref = bench.diffusers_twin(config, ours)
+    ref = bench_diffusers.diffusers_twin(config, ours)
     x, t, context, pooled = bench.mmdit_inputs(config, 2, 4, 6, 5, "cpu", torch.float32)
     with torch.no_grad():
         want = ours(x, t, context, pooled)
@@ -103,7 +104,7 @@ def test_diffusers_twin_computes_what_ours_does():
 
 def test_compare_diffusers_without_diffusers_is_one_line(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
-    expect_one_line_error(bench.main, capsys, ["mmdit", *TINY, "--compare-diffusers"],
+    expect_one_line_error(bench_diffusers.main, capsys, TINY,
                           "diffusers", "not importable")
 
 
