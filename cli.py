@@ -160,6 +160,7 @@ NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 COUNT = (lambda v: v >= 0, "an integer >= 0")
 AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
 DECAY = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+SHARE = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def check_options(cfg, rules):

@@ -109,11 +109,12 @@ def data_settings(cfg, pipe, describe, sizes):
 
 
 SHARD = 64  # latents per cache file
+NOISE_SEED = 10_000_000  # synthetic latent i starts from the noise of seed NOISE_SEED + i
 
 
 def build_dataset(cfg, pipe, describe, take, sizes, world=training.World()):
-    """-> {(width, height): ([latents [n, C, h, w] of each shard], [context [n, L, Dc] ...],
-    [pooled [n, Dp] ...])}: fp16 views of the memory-mapped cache files (sample_batch reads
+    """-> {(width, height): {"latents": [[n, C, h, w] of each shard], "context": [[n, L, Dc] ...],
+    "pooled": [[n, Dp] ...], ...}}: fp16 views of the memory-mapped cache files (sample_batch reads
     rows of them). Generates (and caching, one atomic shard at a time) whatever is missing. With several
     processes each generates its share of the missing shards; then every rank reads them all."""
     settings = data_settings(cfg, pipe, describe, sizes)
@@ -132,12 +133,13 @@ def build_dataset(cfg, pipe, describe, take, sizes, world=training.World()):
                                     unit="shard", dynamic_ncols=True, disable=not world.main):
         _write_shard(cfg, pipe, take, index, w, h, path, settings)
     world.barrier()
-    keys = ("latents", "context", "pooled") + (("extra",) if cfg.task == "inpaint" else ())
     dataset = {}
-    for path, size, _ in shards:
+    for path, size, index in shards:
         shard = weights.load_file(path)  # views of the file: read from disk when used
-        for parts, key in zip(dataset.setdefault(size, tuple([] for _ in keys)), keys):
-            parts.append(shard[key])
+        if cfg.data == "synthetic":  # each latent's starting noise
+            shard["seed"] = NOISE_SEED + torch.tensor(index)                      # [n]
+        for key, part in shard.items():
+            dataset.setdefault(size, {}).setdefault(key, []).append(part)
     made = sum(len(index) for _, _, index in missing)
     print(f"data: {per_size * len(sizes)} {cfg.data} latents in {folder} "
           f"({made} generated now, {per_size * len(sizes) - made} from the cache)")
@@ -155,11 +157,11 @@ def _write_shard(cfg, pipe, take, index, w, h, path, settings):
             z0 = pipe.vae.encode(images.to(pipe.device, pipe.dtype)).float().cpu()  # [n, C, h, w]
         m = inpainting.latent_mask(masks, pipe.vae.config.factor)                 # [n, 1, h, w]
         latents = z0 if cfg.data == "real" else inpainting.inpaint_latents(
-            pipe, z0, m, cond, [10_000_000 + i for i in index], settings["steps"], settings["cfg"])
+            pipe, z0, m, cond, [NOISE_SEED + i for i in index], settings["steps"], settings["cfg"])
         tensors["extra"] = inpainting.known_channels(z0, m).half()                # [n, 1 + C, h, w]
     elif cfg.data == "synthetic":  # the teacher's own guided samples, from seeds no student sees
         latents = pipeline.generate(pipe, cond, w, h, steps=settings["steps"], cfg=settings["cfg"],
-                           seed=10_000_000 + index[0], batch_size=len(index), progress=False,
+                           seed=NOISE_SEED + index[0], batch_size=len(index), progress=False,
                            decode=False)                                       # [n, C, h, w]
     else:  # real: rendered images of the captions, through the VAE
         if not pipeline.is_shapes(pipe):
@@ -174,10 +176,12 @@ def _write_shard(cfg, pipe, take, index, w, h, path, settings):
 
 def sample_batch(dataset, batch_size, generator):
     """One aspect-ratio bucket, then distinct random rows of it, read from its shards (every
-    shard holds SHARD rows but the last) and converted to fp32 on the CPU: latents, context,
-    pooled (and an inpainting task's extra channels)."""
+    shard holds SHARD rows but the last) -> {name: [B, ...]}: latents, context and pooled
+    converted to fp32 on the CPU (and an inpainting task's extra channels, or a synthetic
+    latent's noise seed)."""
     sizes = sorted(dataset)
     bucket = dataset[sizes[int(torch.randint(len(sizes), (1,), generator=generator))]]
-    rows = torch.randperm(sum(len(p) for p in bucket[0]), generator=generator)[:batch_size]
-    return tuple(torch.stack([parts[r // SHARD][r % SHARD] for r in rows.tolist()]).float()
-                 for parts in bucket)
+    rows = torch.randperm(sum(len(p) for p in bucket["latents"]), generator=generator)[:batch_size]
+    picked = {key: torch.stack([parts[r // SHARD][r % SHARD] for r in rows.tolist()])
+              for key, parts in bucket.items()}
+    return {key: x.float() if x.is_floating_point() else x for key, x in picked.items()}

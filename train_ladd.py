@@ -13,6 +13,8 @@ One step (docs/ladd.md has the details and the measured choices):
   judge    the frozen teacher runs on both; a small head per block reads its image tokens
   losses   heads: hinge (real up, fake down); student: -logit(fake), back-propagated
            through the frozen teacher into the student
+  pairs    half the t = 1 rows start from the very noise the teacher turned into their x0, so
+           x0 is their answer: + 30 |x0_hat - x0|^2 on those rows
 The student starts as a copy of the teacher, never sees guidance, and samples in 4 steps.
 
 Everything random in a step (batch, times, noises) is drawn from a generator seeded by
@@ -86,6 +88,8 @@ class Config:
     t_hat_std: float = 2.0             # its spread: wider judges more low-noise detail; notes: 1
     distill_weight: float = 0.0        # weight of an ADD-style distillation loss (0: none, LADD)
     r1_weight: float = 0.0             # weight of the approximate R1 penalty on the heads
+    pair_weight: float = 30.0          # weight of |x0_hat - x0|^2 on rows that start from x0's own noise
+    pair_share: float = 0.5            # ... the share of t = 1 rows that do (synthetic data only)
     grad_clip: float = 1.0             # clip both gradients to this norm
     ema: float = 0.995                 # EMA decay of the student used for sampling ...
     ema_warmup: int = 10               # ... ramped: min(ema, (1 + s) / (ema_warmup + s)) at step s
@@ -131,6 +135,7 @@ class Batch:
     eps_fake: torch.Tensor           # [B, C, h, w] re-noises the student's x0_hat
     eps_real: torch.Tensor           # [B, C, h, w] re-noises x0
     known: torch.Tensor = None       # inpainting only: mask and known latent [B, 1 + C, h, w]
+    paired: torch.Tensor = None      # [B] bool: eps is the noise the teacher turned into x0
     generator: torch.Generator = None  # the step's generator, for draws inside a step (R1)
 
     def input(self, x):
@@ -156,6 +161,7 @@ class StepSettings:
     world: training.World = field(default_factory=training.World)  # torchrun's processes
     distill: Distill = None            # None: LADD
     r1_weight: float = 0.0             # 0: no R1
+    pair_weight: float = 0.0           # 0: no regression onto the teacher's noise -> x0 pairs
 
 
 def student_times(n, step, times, probs, warmup_probs, warmup, generator):
@@ -185,6 +191,10 @@ def generator_step(student, teacher, disc, opt, batch, run=StepSettings()):
         logits = disc([f.float() for f in features], b.t_hat, b.pooled)           # [B] each
         loss = hinge_g_loss(logits)
         stats = {"g_loss": loss.item()}
+        if run.pair_weight:
+            pairs = pair_loss(x0_hat, b.x0, b.paired)
+            loss = loss + run.pair_weight * pairs
+            stats["pair_loss"] = pairs.item()
         if run.distill is not None:
             distill_loss = distillation_loss(teacher, x0_hat, fake, b, run.distill)
             loss = loss + run.distill.weight * distill_loss
@@ -223,6 +233,13 @@ def discriminator_step(teacher, disc, opt, batch, fake_features, run=StepSetting
     return stats
 
 
+def pair_loss(x0_hat, x0, paired):
+    """The paired rows started from the noise the teacher turned into their x0, so x0 is the
+    answer for them: their squared error, averaged over the batch (unpaired rows count 0)."""
+    error = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))                              # [B]
+    return (error * paired).sum() / len(error)
+
+
 def distillation_loss(teacher, x0_hat, fake, batch, distill):
     """ADD's extra term: pull x0_hat towards the guided teacher's denoising of `fake`."""
     with torch.no_grad():
@@ -239,15 +256,21 @@ def draw_batch(cfg, dataset, schedule, step, world, device):
     """Step `step`'s global batch and all its random draws, made from one generator seeded by
     (seed, step) and so the same on every rank; this rank keeps its rows."""
     g = training.step_generator(cfg.seed, step)
-    x0, context, pooled, *known = ladd_data.sample_batch(dataset, cfg.batch_size, g)  # [B, C, h, w] ...
+    data = ladd_data.sample_batch(dataset, cfg.batch_size, g)
+    x0 = data["latents"]                                                      # [B, C, h, w]
     B = x0.shape[0]
     t = student_times(B, step, *schedule, cfg.warmup, g)                      # [B]
     t_hat = flow.sample_t_logit_normal(B, cfg.t_hat_mean, cfg.t_hat_std, g)  # [B]
-    noise = {k: world.rows(torch.randn(x0.shape, generator=g)).to(device)    # [B / N, C, h, w]
-             for k in ("eps", "eps_fake", "eps_real")}
-    rows = [world.rows(x).to(device) for x in (x0, context, pooled, t, t_hat)]
-    known = world.rows(known[0]).to(device) if known else None
-    return Batch(*rows, **noise, known=known, generator=g)
+    noise = {k: torch.randn(x0.shape, generator=g) for k in ("eps", "eps_fake", "eps_real")}
+    paired = torch.zeros(B, dtype=torch.bool)                                 # [B]
+    if cfg.pair_weight:  # some t = 1 rows start from their latent's own noise: a known answer
+        paired = (t == 1) & (torch.rand(B, generator=g) < cfg.pair_share)     # [B]
+        if paired.any():
+            noise["eps"][paired] = flow.seeded_noise(data["seed"][paired].tolist(), x0.shape[1:])
+    noise = {k: world.rows(x).to(device) for k, x in noise.items()}          # [B / N, C, h, w]
+    rows = [world.rows(x).to(device) for x in (x0, data["context"], data["pooled"], t, t_hat)]
+    known = world.rows(data["extra"]).to(device) if "extra" in data else None
+    return Batch(*rows, **noise, known=known, paired=world.rows(paired).to(device), generator=g)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +375,8 @@ OPTION_RULES = {  # cli.check_options: each numeric option and what it allows
     "lr": cli.POSITIVE, "disc_lr": cli.POSITIVE, "t_hat_std": cli.POSITIVE,
     "grad_clip": cli.POSITIVE, "t_hat_mean": cli.FINITE, "distill_weight": cli.NON_NEGATIVE,
     "r1_weight": cli.NON_NEGATIVE, "max_minutes": cli.NON_NEGATIVE, "ema": cli.DECAY,
-    "lora": cli.COUNT, "lora_alpha": cli.NON_NEGATIVE}
+    "lora": cli.COUNT, "lora_alpha": cli.NON_NEGATIVE, "pair_weight": cli.NON_NEGATIVE,
+    "pair_share": cli.SHARE}
 
 
 def check_config(cfg):
@@ -372,6 +396,10 @@ def check_config(cfg):
             if getattr(cfg, name):
                 raise ValueError(f"--lora trains adapters on the teacher itself; it does not "
                                  f"combine with --{name.replace('_', '-')}")
+    if cfg.pair_weight and cfg.data != "synthetic":
+        raise ValueError(f"--pair-weight {cfg.pair_weight:g}: the pairs are the teacher's own "
+                         f"noise -> latent samples, which --data {cfg.data} does not have; pass "
+                         f"--pair-weight 0 with it")
     times, probs = cli.parse_list(cfg.times, "times"), cli.parse_list(cfg.time_probs, "time-probs")
     warm = cli.parse_list(cfg.warmup_probs, "warmup-probs")
     if times[0] != 1 or not all(a > b for a, b in zip(times, times[1:] + [0])):
@@ -425,7 +453,7 @@ def train(cfg):
         student.compile_blocks()
         teacher.compile_blocks()
 
-    run = StepSettings(amp, cfg.grad_clip, world, r1_weight=cfg.r1_weight)
+    run = StepSettings(amp, cfg.grad_clip, world, r1_weight=cfg.r1_weight, pair_weight=cfg.pair_weight)
     if cfg.distill_weight:
         u = take([0])[0]  # its uncond_* are the empty prompt's
         run.distill = Distill(cfg.distill_weight, u.uncond_context.to(device),

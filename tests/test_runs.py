@@ -323,20 +323,23 @@ def test_the_dataset_is_memory_mapped_fp16_read_as_fp32_rows(teacher, tmp_path):
     describe, take = ladd_data.prompt_source(cfg, pipe)
     dataset = ladd_data.build_dataset(cfg, pipe, describe, take, pipe.sizes)
     for bucket in dataset.values():
-        latents = bucket[0]
-        assert [len(p) for p in latents] == [64, 6]  # two shards: SHARD rows, then the rest
-        for part in (p for parts in bucket for p in parts):
-            assert part.dtype == torch.float16
-            # a view of the whole mapped file, not a copy of its rows in RAM
-            assert part.untyped_storage().nbytes() > part.numel() * part.element_size()
+        assert [len(p) for p in bucket["latents"]] == [64, 6]  # two shards: SHARD rows, then the rest
+        for key in ("latents", "context", "pooled"):
+            for part in bucket[key]:
+                assert part.dtype == torch.float16
+                # a view of the whole mapped file, not a copy of its rows in RAM
+                assert part.untyped_storage().nbytes() > part.numel() * part.element_size()
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     rows = ladd_data.sample_batch(dataset, 8, g1)
     # the same draws from the whole bucket held in fp32: the same rows, the same values
     sizes = sorted(dataset)
-    bucket = dataset[sizes[int(torch.randint(len(sizes), (1,), generator=g2))]]
-    whole = [torch.cat(parts).float() for parts in bucket]
-    index = torch.randperm(len(whole[0]), generator=g2)[:8]
-    assert all(r.dtype == torch.float32 and torch.equal(r, w[index]) for r, w in zip(rows, whole))
+    k = int(torch.randint(len(sizes), (1,), generator=g2))
+    whole = {key: torch.cat(parts) for key, parts in dataset[sizes[k]].items()}
+    index = torch.randperm(len(whole["latents"]), generator=g2)[:8]
+    for key in ("latents", "context", "pooled"):
+        assert rows[key].dtype == torch.float32 and torch.equal(rows[key], whole[key][index].float())
+    # each synthetic latent's noise seed: latent i of the k-th size is sample k * 70 + i
+    assert torch.equal(rows["seed"], ladd_data.NOISE_SEED + 70 * pipe.sizes.index(sizes[k]) + index)
 
 
 # ----------------------------------------------------------------------------------------------

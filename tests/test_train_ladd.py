@@ -10,6 +10,7 @@ import flow
 import ladd_data
 import metrics
 import mmdit
+import pipeline
 import train_ladd
 import training
 import weights
@@ -229,8 +230,8 @@ def test_a_non_finite_step_is_skipped_and_never_saved(teacher, tmp_path, monkeyp
     real = ladd_data.sample_batch
 
     def poisoned(*args):
-        x0, context, pooled = real(*args)
-        return x0 * float("nan"), context, pooled
+        rows = real(*args)
+        return {**rows, "latents": rows["latents"] * float("nan")}
     monkeypatch.setattr(ladd_data, "sample_batch", poisoned)
     out = tmp_path / "nan"
     train_ladd.main(argv(teacher, out, "--steps", "2"))
@@ -255,6 +256,10 @@ def test_bad_inputs_fail_before_any_work(teacher, tmp_path, capsys):
                           "nope", "shapes")
     expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--time-probs", "1,0"),
                           "time-probs")
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--pair-share", "1.5"),
+                          "--pair-share 1.5", "[0, 1]")
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--data", "real"),
+                          "--pair-weight 30", "--data real", "--pair-weight 0")
     assert not out.exists()  # nothing was written
 
 
@@ -306,8 +311,8 @@ def test_a_shallower_student_starts_from_the_teachers_first_and_last_blocks():
 
 def test_real_data_are_rendered_captions_through_the_vae(teacher, tmp_path):
     import shapes
-    train_ladd.main(argv(teacher, tmp_path / "real", "--data", "real", "--steps", "1",
-                         "--data-dir", str(tmp_path / "data")))
+    train_ladd.main(argv(teacher, tmp_path / "real", "--data", "real", "--pair-weight", "0",
+                         "--steps", "1", "--data-dir", str(tmp_path / "data")))
     path = dataset_folder(tmp_path / "data") / "24x16_0000.safetensors"
     shard, captions = weights.load_file(path), json.loads(weights.load_metadata(path)["captions"])
     images = shapes.render_batch(captions, 24, 16, seed=4)  # bucket 1 starts at sample 4
@@ -525,3 +530,52 @@ def test_the_long_preset_is_the_default_run_with_twice_the_steps():
     assert long.steps == 2 * default.steps
     differs = {f.name for f in dataclasses.fields(default) if getattr(default, f.name) != getattr(long, f.name)}
     assert differs == {"steps"}  # the same data (cached), schedule and EMA
+
+
+def test_paired_rows_start_from_the_noise_the_teacher_turned_into_their_latent(teacher, tmp_path):
+    """--pair-weight: a t = 1 row drawn as paired starts from the very noise the teacher sampled
+    its latent from, so x0 is the known answer for it; other rows start from fresh noise."""
+    out = tmp_path / "run"
+    train_ladd.main(argv(teacher, out, "--steps", "0", "--data-size", "8"))
+    cfg = train_ladd.Config(**{**json.load(open(out / "config.json")), "pair_weight": 1.0,
+                               "pair_share": 0.5, "time_probs": "1,1,0,0"})
+    pipe = train_ladd.load_teacher(cfg, torch.device("cpu"), torch.float32)
+    describe, take = ladd_data.prompt_source(cfg, pipe)
+    dataset = ladd_data.build_dataset(cfg, pipe, describe, take, pipe.sizes)
+    schedule, uncond = train_ladd.check_config(cfg), take([0])[0]
+    s = pipeline.sampling_settings(pipe)
+    for step in range(cfg.warmup, cfg.warmup + 8):
+        b = train_ladd.draw_batch(cfg, dataset, schedule, step, training.World(), torch.device("cpu"))
+        assert not (b.paired & (b.t < 1)).any()  # only whole-noise rows are paired
+        if not b.paired.any() or b.paired.all():
+            continue
+        B = len(b.x0)
+        x0 = flow.sample(pipeline.velocity_of(pipe.model), b.eps, s["sigmas"], b.context, b.pooled,
+                         uncond.uncond_context.expand(B, -1, -1), uncond.uncond_pooled.expand(B, -1),
+                         cfg=s["cfg"], sampler=s["sampler"])                       # [B, C, h, w]
+        error = (x0 - b.x0).abs().flatten(1).amax(1)                               # [B]
+        assert (error[b.paired] < 5e-3).all()       # the teacher's own sample (fp16 in the cache)
+        assert (error[~b.paired] > 0.1).all()       # fresh noise: another sample
+        break
+    else:
+        raise AssertionError("no step drew both paired and unpaired rows")
+
+
+def test_the_pair_loss_is_the_squared_error_of_the_paired_rows(teacher):
+    teacher_m, student, disc = models(teacher)
+    b = batch(teacher_m)
+    b.paired = torch.tensor([True, False, False])
+    sgd = lambda: torch.optim.SGD(student.parameters(), lr=0.0)  # noqa: E731 (gradients only)
+    run = train_ladd.StepSettings(grad_clip=float("inf"), pair_weight=3.0)
+    _, stats = train_ladd.generator_step(student, teacher_m, disc, sgd(), b, run)
+    with torch.no_grad():
+        x_t = flow.add_noise(b.x0, b.eps, b.t)
+        x0_hat = flow.x0_from_v(x_t, student(x_t, b.t, b.context, b.pooled), b.t)
+    assert stats["pair_loss"] == pytest.approx(((x0_hat[0] - b.x0[0]) ** 2).mean().item() / 3, rel=1e-5)
+    with_pairs = torch.cat([p.grad.flatten() for p in student.parameters()])
+    without = student_gradient(student, teacher_m, disc, b)[0]
+    assert not torch.allclose(with_pairs, without)  # the regression moves the student
+    b.paired[:] = False
+    _, stats = train_ladd.generator_step(student, teacher_m, disc, sgd(), b, run)
+    assert stats["pair_loss"] == 0
+    assert torch.equal(torch.cat([p.grad.flatten() for p in student.parameters()]), without)
