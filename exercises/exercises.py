@@ -78,8 +78,9 @@ EXERCISES = [
              "One student update: x_t from x0, eps and t; the student's x0_hat; the fake batch "
              "x0_hat re-noised to t_hat with eps_fake; the frozen teacher's features of it WITH "
              "autograd (the gradient must flow through the teacher into the student); the heads' "
-             "logits and the hinge loss; training.update. The heads are frozen during this step. "
-             "Return the features (detached, fp32) and the statistics."),
+             "logits and the hinge loss; with run.pair_weight, plus that weight times pair_loss (the "
+             "paired rows' squared error, stats['pair_loss']); training.update. The heads are "
+             "frozen during this step. Return the features (detached, fp32) and the statistics."),
     Exercise("renoise-sampler", (("flow.py", "sampler_step"),), 20,
              "One sampler step from noise level s to s_next: euler x + (s_next - s) v; renoise: "
              "the prediction x0_hat = x - s v re-noised to s_next with fresh noise eps, "

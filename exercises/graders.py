@@ -352,6 +352,29 @@ def _(m, ref):
     ref.expect("update", step, "the size of the student's update, per parameter", atol=1e-4)
 
 
+@check("generator-step", "with run.pair_weight, the paired rows' squared error joins the loss")
+def _(m, ref):
+    def step(pair_weight):
+        teacher, student, disc, batch = _ladd(m)
+        batch.paired = torch.tensor([True, False, False])
+        opt = torch.optim.SGD(student.parameters(), lr=0.0)  # lr 0: p.grad is all that changes
+        run = m.train_ladd.StepSettings(grad_clip=float("inf"), pair_weight=pair_weight)
+        _, stats = m.train_ladd.generator_step(student, teacher, disc, opt, batch, run)
+        grad = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+        with torch.no_grad():
+            x_t = m.flow.add_noise(batch.x0, batch.eps, batch.t)
+            x0_hat = m.flow.x0_from_v(x_t, student(x_t, batch.t, batch.context, batch.pooled), batch.t)
+        return stats, grad, m.train_ladd.pair_loss(x0_hat, batch.x0, batch.paired).item()
+    (stats, with_pairs, want), (_, without, _) = step(3.0), step(0.0)
+    assert "pair_loss" in stats, "with run.pair_weight, report stats['pair_loss']"
+    assert abs(stats["pair_loss"] - want) <= 1e-5 * max(1.0, want), (
+        f"stats['pair_loss'] is {stats['pair_loss']:.6g}, want pair_loss(x0_hat, x0, paired) = "
+        f"{want:.6g}")
+    assert not torch.allclose(with_pairs, without), (
+        "the student's gradient is the same with and without the pairs: add run.pair_weight * "
+        "pair_loss(...) to the loss that training.update back-propagates")
+
+
 # ----------------------------------------------------------------------------------------------
 # renoise-sampler
 
