@@ -113,11 +113,13 @@ def parse_config(cls, argv, prog, doc, choices=None, item_types=None, given_only
     return cls(**vars(args))
 
 
-def resolve_config(cls, presets, given, script, may_change=(), resume_needs=("state.safetensors",)):
+def resolve_config(cls, presets, given, script, may_change=(), resume_needs=("state.safetensors",),
+                   older_runs=None):
     """A training run's config: the options given, over the preset's, over the defaults. With
     --resume, the run's saved config.json instead, which the options given must equal except
     those in `may_change` (e.g. --steps): a resumed run is the run it was. A new run refuses a
-    --out that already holds one, unless --overwrite."""
+    --out that already holds one, unless --overwrite. older_runs: {option: value} for options
+    newer than some saved runs, the value that reproduces a run saved without them."""
     out = given.get("resume") or given.get("out") or cls(**presets[given.get("preset", "default")]).out
     files = held_run_files(out)
     if not given.get("resume"):
@@ -136,7 +138,7 @@ def resolve_config(cls, presets, given, script, may_change=(), resume_needs=("st
                  if "config.json" not in missing else f"pass a run folder made by {script}")
         raise ValueError(f"--resume {out}: no {' or '.join(missing)} there ({saved})")
     with open(os.path.join(out, "config.json")) as f:
-        saved = json.load(f)
+        saved = {**(older_runs or {}), **json.load(f)}
     fixed = {k: v for k, v in given.items() if k not in (*may_change, "resume", "out")}
     differ = [f"--{k.replace('_', '-')} {v} (the run's: {saved.get(k)})"
               for k, v in fixed.items() if saved.get(k) != v]

@@ -107,6 +107,8 @@ class Config:
     memory_report: bool = False        # print estimated and measured memory per component
 
 
+# options newer than some saved runs: the value that reproduces a run saved without them
+OLDER_RUNS = {"pair_weight": 0.0}
 # options a resumed run may change; every other one must equal the run's saved config
 MAY_CHANGE = ("steps", "max_minutes", "log_every", "grid_every", "ckpt_every", "judge_n", "judge_sizes",
               "memory_report", "data_dir", "device", "compile", "checkpointing")
@@ -617,7 +619,7 @@ def train(cfg):
 
 def main(argv=None):
     return cli.training_main(Config, PRESETS, train, argv, "train_ladd.py", __doc__,
-                             may_change=MAY_CHANGE)
+                             may_change=MAY_CHANGE, older_runs=OLDER_RUNS)
 
 
 if __name__ == "__main__":

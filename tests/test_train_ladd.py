@@ -195,6 +195,21 @@ def test_resume_matches_an_uninterrupted_run(teacher, tmp_path):
         assert torch.equal(flat_a[name], flat_b[name]), name
 
 
+def test_a_run_saved_before_the_pairs_resumes_as_it_was(teacher, tmp_path):
+    """A config.json without pair_weight comes from plain LADD: it resumes with --pair-weight 0,
+    not with today's default."""
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train_ladd.main(argv(teacher, whole, "--steps", "4", "--pair-weight", "0"))
+    train_ladd.main(argv(teacher, part, "--steps", "2", "--pair-weight", "0"))
+    config = json.load(open(part / "config.json"))
+    del config["pair_weight"], config["pair_share"]  # as such runs saved it
+    (part / "config.json").write_text(json.dumps(config))
+    train_ladd.main(["--resume", str(part), "--steps", "4"])
+    a, b = weights.load_state(whole / "state.safetensors"), weights.load_state(part / "state.safetensors")
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+    assert json.load(open(part / "config.json"))["pair_weight"] == 0
+
+
 def dataset_folder(data_dir):
     """The one dataset folder under --data-dir (beside it: file_hashes.json)."""
     (folder,) = [p for p in data_dir.iterdir() if p.is_dir()]
