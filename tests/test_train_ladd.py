@@ -91,12 +91,12 @@ def test_discriminator_step_updates_the_heads_only(teacher):
     assert stats["d_skipped"] == 0 and stats["d_loss"] > 0
 
 
-def student_gradient(student, teacher_m, disc, b):
+def student_gradient(student, teacher_m, disc, b, pair_weight=0.0):
     """generator_step's gradient of the student as its optimizer receives it: SGD with lr 0
     leaves every weight as it was and p.grad as training.update left it (unclipped: no limit)."""
     sgd = torch.optim.SGD(student.parameters(), lr=0.0)
-    features, stats = train_ladd.generator_step(student, teacher_m, disc, sgd, b,
-                                                train_ladd.StepSettings(grad_clip=float("inf")))
+    run = train_ladd.StepSettings(grad_clip=float("inf"), pair_weight=pair_weight)
+    features, stats = train_ladd.generator_step(student, teacher_m, disc, sgd, b, run)
     assert stats["g_skipped"] == 0
     assert all(p.grad is not None for p in student.parameters())  # every weight takes part
     return torch.cat([p.grad.flatten() for p in student.parameters()]), features, stats
@@ -594,3 +594,21 @@ def test_the_pair_loss_is_the_squared_error_of_the_paired_rows(teacher):
     _, stats = train_ladd.generator_step(student, teacher_m, disc, sgd(), b, run)
     assert stats["pair_loss"] == 0
     assert torch.equal(torch.cat([p.grad.flatten() for p in student.parameters()]), without)
+
+
+def test_the_pair_loss_over_split_rows_averages_to_the_whole_batch(teacher):
+    """What DDP does with two processes: each takes half the rows, the gradients are averaged.
+    With the pair loss (normalised by the rows a process holds) that equals the whole batch's."""
+    teacher_m, student, disc = models(teacher)
+    b = batch(teacher_m, B=3)
+    b = dataclasses.replace(b, **{f.name: torch.cat([getattr(b, f.name), getattr(b, f.name)[:1]])
+                                  for f in dataclasses.fields(b) if torch.is_tensor(getattr(b, f.name))})
+    b.t = torch.tensor([1.0, 1.0, 0.25, 1.0])
+    b.paired = torch.tensor([True, True, False, True])  # two paired rows in one half, one in the other
+
+    def gradient(rows):
+        part = dataclasses.replace(b, **{f.name: getattr(b, f.name)[rows] for f in dataclasses.fields(b)
+                                         if torch.is_tensor(getattr(b, f.name))})
+        return student_gradient(student, teacher_m, disc, part, pair_weight=30.0)[0]
+    whole, halves = gradient(slice(0, 4)), (gradient(slice(0, 2)) + gradient(slice(2, 4))) / 2
+    assert torch.allclose(whole, halves, rtol=0, atol=1e-6 * whole.abs().max())
