@@ -580,35 +580,33 @@ def test_the_pair_loss_is_the_squared_error_of_the_paired_rows(teacher):
     teacher_m, student, disc = models(teacher)
     b = batch(teacher_m)
     b.paired = torch.tensor([True, False, False])
-    sgd = lambda: torch.optim.SGD(student.parameters(), lr=0.0)  # noqa: E731 (gradients only)
-    run = train_ladd.StepSettings(grad_clip=float("inf"), pair_weight=3.0)
-    _, stats = train_ladd.generator_step(student, teacher_m, disc, sgd(), b, run)
+    with_pairs, _, stats = student_gradient(student, teacher_m, disc, b, pair_weight=3.0)
     with torch.no_grad():
         x_t = flow.add_noise(b.x0, b.eps, b.t)
         x0_hat = flow.x0_from_v(x_t, student(x_t, b.t, b.context, b.pooled), b.t)
     assert stats["pair_loss"] == pytest.approx(((x0_hat[0] - b.x0[0]) ** 2).mean().item() / 3, rel=1e-5)
-    with_pairs = torch.cat([p.grad.flatten() for p in student.parameters()])
     without = student_gradient(student, teacher_m, disc, b)[0]
     assert not torch.allclose(with_pairs, without)  # the regression moves the student
     b.paired[:] = False
-    _, stats = train_ladd.generator_step(student, teacher_m, disc, sgd(), b, run)
-    assert stats["pair_loss"] == 0
-    assert torch.equal(torch.cat([p.grad.flatten() for p in student.parameters()]), without)
+    no_pairs, _, stats = student_gradient(student, teacher_m, disc, b, pair_weight=3.0)
+    assert stats["pair_loss"] == 0 and torch.equal(no_pairs, without)
+
+
+def rows_of(b, rows):
+    """The batch's rows `rows` (an index list or a slice) of every tensor field."""
+    return dataclasses.replace(b, **{f.name: getattr(b, f.name)[rows] for f in dataclasses.fields(b)
+                                     if torch.is_tensor(getattr(b, f.name))})
 
 
 def test_the_pair_loss_over_split_rows_averages_to_the_whole_batch(teacher):
     """What DDP does with two processes: each takes half the rows, the gradients are averaged.
     With the pair loss (normalised by the rows a process holds) that equals the whole batch's."""
     teacher_m, student, disc = models(teacher)
-    b = batch(teacher_m, B=3)
-    b = dataclasses.replace(b, **{f.name: torch.cat([getattr(b, f.name), getattr(b, f.name)[:1]])
-                                  for f in dataclasses.fields(b) if torch.is_tensor(getattr(b, f.name))})
+    b = rows_of(batch(teacher_m, B=3), [0, 1, 2, 0])
     b.t = torch.tensor([1.0, 1.0, 0.25, 1.0])
     b.paired = torch.tensor([True, True, False, True])  # two paired rows in one half, one in the other
 
     def gradient(rows):
-        part = dataclasses.replace(b, **{f.name: getattr(b, f.name)[rows] for f in dataclasses.fields(b)
-                                         if torch.is_tensor(getattr(b, f.name))})
-        return student_gradient(student, teacher_m, disc, part, pair_weight=30.0)[0]
+        return student_gradient(student, teacher_m, disc, rows_of(b, rows), pair_weight=30.0)[0]
     whole, halves = gradient(slice(0, 4)), (gradient(slice(0, 2)) + gradient(slice(2, 4))) / 2
     assert torch.allclose(whole, halves, rtol=0, atol=1e-6 * whole.abs().max())
