@@ -273,6 +273,8 @@ def test_bad_inputs_fail_before_any_work(teacher, tmp_path, capsys):
                           "time-probs")
     expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--pair-share", "1.5"),
                           "--pair-share 1.5", "[0, 1]")
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--pair-steps", "-1"),
+                          "--pair-steps -1", "integer >= 0")
     expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--data", "real"),
                           "--pair-weight 30", "--data real", "--pair-weight 0")
     assert not out.exists()  # nothing was written
@@ -540,11 +542,53 @@ def test_the_end_of_run_judge_at_sizes_no_model_trained_at(teacher, tmp_path, ca
     assert not bad.exists()
 
 
-def test_the_long_preset_is_the_default_run_with_twice_the_steps():
+def test_the_long_preset_is_the_default_run_continued_without_the_pairs():
     default, long = train_ladd.Config(), train_ladd.Config(**train_ladd.PRESETS["long"])
-    assert long.steps == 2 * default.steps
+    assert long.steps == 2 * default.steps and long.pair_steps == default.steps
     differs = {f.name for f in dataclasses.fields(default) if getattr(default, f.name) != getattr(long, f.name)}
-    assert differs == {"steps"}  # the same data (cached), schedule and EMA
+    assert differs == {"steps", "pair_steps"}  # the same data (cached), schedule and EMA
+
+
+def pair_batches(teacher, tmp_path, steps, **changes):
+    """draw_batch's batches of `steps` for a tiny run's config with `changes`."""
+    out = tmp_path / "run"
+    if not out.exists():
+        train_ladd.main(argv(teacher, out, "--steps", "0", "--data-size", "8"))
+    cfg = train_ladd.Config(**{**json.load(open(out / "config.json")), "time_probs": "1,1,0,0",
+                               **changes})
+    pipe = train_ladd.load_teacher(cfg, torch.device("cpu"), torch.float32)
+    describe, take = ladd_data.prompt_source(cfg, pipe)
+    dataset = ladd_data.build_dataset(cfg, pipe, describe, take, pipe.sizes)
+    schedule = train_ladd.check_config(cfg)
+    return [train_ladd.draw_batch(cfg, dataset, schedule, step, training.World(), torch.device("cpu"))
+            for step in steps]
+
+
+def test_pair_steps_end_the_pairs_and_then_the_draws_are_plain_ladds(teacher, tmp_path):
+    """--pair-steps 6: steps 0-5 draw what a run with pairs throughout draws, later steps what a
+    run without pairs draws (the same noise, no paired row)."""
+    steps = range(10)
+    cut = pair_batches(teacher, tmp_path, steps, pair_weight=30.0, pair_steps=6)
+    pairs = pair_batches(teacher, tmp_path, steps, pair_weight=30.0)
+    plain = pair_batches(teacher, tmp_path, steps, pair_weight=0.0)
+    assert any(b.paired.any() for b in cut[:6])  # the check below can fail
+    for step, b in enumerate(cut):
+        same = pairs[step] if step < 6 else plain[step]
+        assert torch.equal(b.paired, same.paired), step
+        assert all(torch.equal(getattr(b, k), getattr(same, k)) for k in ("x0", "t", "t_hat", "eps", "eps_fake", "eps_real"))
+    assert not any(b.paired.any() for b in cut[6:])
+
+
+def test_a_run_may_continue_without_the_pairs(teacher, tmp_path):
+    """--resume RUN --steps N --pair-steps K is the run that had --pair-steps K from the start:
+    the long preset is the default run continued this way."""
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train_ladd.main(argv(teacher, whole, "--steps", "4", "--pair-steps", "2"))
+    train_ladd.main(argv(teacher, part, "--steps", "2"))
+    train_ladd.main(["--resume", str(part), "--steps", "4", "--pair-steps", "2"])
+    a, b = weights.load_state(whole / "state.safetensors"), weights.load_state(part / "state.safetensors")
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+    assert json.load(open(part / "config.json"))["pair_steps"] == 2
 
 
 def test_paired_rows_start_from_the_noise_the_teacher_turned_into_their_latent(teacher, tmp_path):
