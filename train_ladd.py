@@ -111,8 +111,8 @@ class Config:
 # options newer than some saved runs: the value that reproduces a run saved without them
 OLDER_RUNS = {"pair_weight": 0.0}
 # options a resumed run may change; every other one must equal the run's saved config
-MAY_CHANGE = ("steps", "pair_steps", "max_minutes", "log_every", "grid_every", "ckpt_every", "judge_n", "judge_sizes",
-              "memory_report", "data_dir", "device", "compile", "checkpointing")
+MAY_CHANGE = ("steps", "pair_steps", "max_minutes", "log_every", "grid_every", "ckpt_every", "judge_n",
+              "judge_sizes", "memory_report", "data_dir", "device", "compile", "checkpointing")
 
 PRESETS = {
     "default": {},
