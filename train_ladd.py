@@ -90,7 +90,7 @@ class Config:
     r1_weight: float = 0.0             # weight of the approximate R1 penalty on the heads
     pair_weight: float = 30.0          # weight of |x0_hat - x0|^2 on rows that start from x0's own noise
     pair_share: float = 0.5            # ... the share of t = 1 rows that do (synthetic data only)
-    pair_steps: int = 0                # ... in the first this many steps only (0: every step)
+    pair_steps: int = 0                # the pairs only in the first this many steps (0: every step)
     grad_clip: float = 1.0             # clip both gradients to this norm
     ema: float = 0.995                 # EMA decay of the student used for sampling ...
     ema_warmup: int = 10               # ... ramped: min(ema, (1 + s) / (ema_warmup + s)) at step s
