@@ -116,7 +116,7 @@ MAY_CHANGE = ("steps", "pair_steps", "max_minutes", "log_every", "grid_every", "
 
 PRESETS = {
     "default": {},
-    "long": dict(steps=3200, pair_steps=1600),  # ~26 min on 2 CPU cores: 0.02 below the teacher
+    "long": dict(steps=3200, pair_steps=1600),  # 25 min on 2 CPU cores: 0.02 below the teacher
     "test": dict(data_size=8, steps=4, batch_size=4, warmup=1, log_every=1, grid_every=0,
                  ckpt_every=2, judge_n=4),
 }
