@@ -266,8 +266,8 @@ def draw_batch(cfg, dataset, schedule, step, world, device):
     t_hat = flow.sample_t_logit_normal(B, cfg.t_hat_mean, cfg.t_hat_std, g)  # [B]
     noise = {k: torch.randn(x0.shape, generator=g) for k in ("eps", "eps_fake", "eps_real")}
     paired = torch.zeros(B, dtype=torch.bool)                                 # [B]
-    if cfg.pair_weight and (not cfg.pair_steps or step < cfg.pair_steps):  # some t = 1 rows start
-        # from their latent's own noise: a known answer (the first --pair-steps steps, or all)
+    pairs_now = cfg.pair_weight and (not cfg.pair_steps or step < cfg.pair_steps)  # --pair-steps
+    if pairs_now:  # some t = 1 rows start from their latent's own noise: a known answer
         paired = (t == 1) & (torch.rand(B, generator=g) < cfg.pair_share)     # [B]
         if paired.any():
             noise["eps"][paired] = flow.seeded_noise(data["seed"][paired].tolist(), x0.shape[1:])

@@ -550,7 +550,8 @@ def test_the_long_preset_is_the_default_run_continued_without_the_pairs():
 
 
 def pair_batches(teacher, tmp_path, steps, **changes):
-    """draw_batch's batches of `steps` for a tiny run's config with `changes`."""
+    """draw_batch's batches of `steps` for a tiny run's config (t = 1 or .75 after the warmup)
+    with `changes`, and the teacher's pipeline and prompt source."""
     out = tmp_path / "run"
     if not out.exists():
         train_ladd.main(argv(teacher, out, "--steps", "0", "--data-size", "8"))
@@ -561,16 +562,16 @@ def pair_batches(teacher, tmp_path, steps, **changes):
     dataset = ladd_data.build_dataset(cfg, pipe, describe, take, pipe.sizes)
     schedule = train_ladd.check_config(cfg)
     return [train_ladd.draw_batch(cfg, dataset, schedule, step, training.World(), torch.device("cpu"))
-            for step in steps]
+            for step in steps], pipe, take
 
 
 def test_pair_steps_end_the_pairs_and_then_the_draws_are_plain_ladds(teacher, tmp_path):
     """--pair-steps 6: steps 0-5 draw what a run with pairs throughout draws, later steps what a
     run without pairs draws (the same noise, no paired row)."""
     steps = range(10)
-    cut = pair_batches(teacher, tmp_path, steps, pair_weight=30.0, pair_steps=6)
-    pairs = pair_batches(teacher, tmp_path, steps, pair_weight=30.0)
-    plain = pair_batches(teacher, tmp_path, steps, pair_weight=0.0)
+    cut = pair_batches(teacher, tmp_path, steps, pair_weight=30.0, pair_steps=6)[0]
+    pairs = pair_batches(teacher, tmp_path, steps, pair_weight=30.0)[0]
+    plain = pair_batches(teacher, tmp_path, steps, pair_weight=0.0)[0]
     assert any(b.paired.any() for b in cut[:6])  # the check below can fail
     for step, b in enumerate(cut):
         same = pairs[step] if step < 6 else plain[step]
@@ -593,17 +594,9 @@ def test_a_run_may_continue_without_the_pairs(teacher, tmp_path):
 def test_paired_rows_start_from_the_noise_the_teacher_turned_into_their_latent(teacher, tmp_path):
     """--pair-weight: a t = 1 row drawn as paired starts from the very noise the teacher sampled
     its latent from, so x0 is the known answer for it; other rows start from fresh noise."""
-    out = tmp_path / "run"
-    train_ladd.main(argv(teacher, out, "--steps", "0", "--data-size", "8"))
-    cfg = train_ladd.Config(**{**json.load(open(out / "config.json")), "pair_weight": 1.0,
-                               "pair_share": 0.5, "time_probs": "1,1,0,0"})
-    pipe = train_ladd.load_teacher(cfg, torch.device("cpu"), torch.float32)
-    describe, take = ladd_data.prompt_source(cfg, pipe)
-    dataset = ladd_data.build_dataset(cfg, pipe, describe, take, pipe.sizes)
-    schedule, uncond = train_ladd.check_config(cfg), take([0])[0]
-    s = pipeline.sampling_settings(pipe)
-    for step in range(cfg.warmup, cfg.warmup + 8):
-        b = train_ladd.draw_batch(cfg, dataset, schedule, step, training.World(), torch.device("cpu"))
+    batches, pipe, take = pair_batches(teacher, tmp_path, range(1, 9), pair_weight=1.0, pair_share=0.5)
+    uncond, s = take([0])[0], pipeline.sampling_settings(pipe)
+    for b in batches:  # after the warmup step
         assert not (b.paired & (b.t < 1)).any()  # only whole-noise rows are paired
         if not b.paired.any() or b.paired.all():
             continue
