@@ -160,7 +160,7 @@ def parse_blocks(spec, depth):
 # losses: lists of per-head logits [B] in, a scalar out, summed over heads
 
 
-def hinge_d_loss(real_logits, fake_logits):
+def hinge_heads_loss(real_logits, fake_logits):
     """sum_k mean(relu(1 - real_k)) + mean(relu(1 + fake_k)); 0 once real >= 1 and fake <= -1."""
     if not real_logits or len(real_logits) != len(fake_logits):
         raise ValueError(f"need the same non-zero number of real and fake logits, got "
@@ -169,7 +169,7 @@ def hinge_d_loss(real_logits, fake_logits):
                for r, f in zip(real_logits, fake_logits))
 
 
-def hinge_g_loss(fake_logits):
+def hinge_student_loss(fake_logits):
     """-sum_k mean(fake_k): the student raises the heads' logits on its samples."""
     if not fake_logits:
         raise ValueError("need at least one head's fake logits")

@@ -169,14 +169,19 @@ def update(opt, loss, params, grad_clip, world=World()):
     if not world.all_true(torch.isfinite(loss)):
         return float("nan"), 1
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip)
-    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, the same on every rank
-        norm = norm.full_tensor()
+    norm = clip_grad_norm(params, grad_clip)
     if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
         return norm.item(), 1
     opt.step()
     return norm.item(), 0
+
+
+def clip_grad_norm(params, max_norm):
+    """Scale the gradients of `params` down to norm `max_norm` when above it -> their norm before
+    clipping (a tensor; not finite when any gradient is NaN or inf). The same on every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
 
 
 @torch.no_grad()

@@ -70,8 +70,8 @@ EXERCISES = [
              "conditioning c from t_hat (x1000, sinusoidal) and the pooled text, the 1x1 input "
              "conv, the two residual blocks, SiLU(GroupNorm), and the logit: the spatial mean of "
              "logit_out plus the projection term <mean_space(h), proj_embed(c)> / sqrt(hidden)."),
-    Exercise("hinge-losses", (("discriminator.py", "hinge_d_loss"),
-                              ("discriminator.py", "hinge_g_loss")), 15,
+    Exercise("hinge-losses", (("discriminator.py", "hinge_heads_loss"),
+                              ("discriminator.py", "hinge_student_loss")), 15,
              "The hinge losses over lists of per-head logits, summed over heads: the heads' "
              "mean(relu(1 - real)) + mean(relu(1 + fake)); the student's -mean(fake)."),
     Exercise("generator-step", (("train_ladd.py", "generator_step"),), 45,

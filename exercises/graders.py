@@ -251,31 +251,31 @@ def _(m, ref):
 # hinge-losses
 
 
-@check("hinge-losses", "hinge_d_loss by hand: real [2, 0.5], fake [-2, 0.5] -> 0.25 + 0.75")
+@check("hinge-losses", "hinge_heads_loss by hand: real [2, 0.5], fake [-2, 0.5] -> 0.25 + 0.75")
 def _(m, ref):
-    got = m.discriminator.hinge_d_loss([torch.tensor([2.0, 0.5])], [torch.tensor([-2.0, 0.5])])
-    close(got, 1.0, "hinge_d_loss([[2, 0.5]], [[-2, 0.5]]) = mean(relu(1 - real)) + "
+    got = m.discriminator.hinge_heads_loss([torch.tensor([2.0, 0.5])], [torch.tensor([-2.0, 0.5])])
+    close(got, 1.0, "hinge_heads_loss([[2, 0.5]], [[-2, 0.5]]) = mean(relu(1 - real)) + "
                     "mean(relu(1 + fake))")
 
 
 @check("hinge-losses", "summed over heads; zero once real >= 1 and fake <= -1")
 def _(m, ref):
     r, f = [torch.tensor([0.0]), torch.tensor([3.0])], [torch.tensor([0.0]), torch.tensor([-3.0])]
-    close(m.discriminator.hinge_d_loss(r, f), 2.0, "two heads: 2 for the first, 0 for the second")
-    close(m.discriminator.hinge_d_loss([torch.tensor([1.0, 5.0])], [torch.tensor([-1.0, -7.0])]),
+    close(m.discriminator.hinge_heads_loss(r, f), 2.0, "two heads: 2 for the first, 0 for the second")
+    close(m.discriminator.hinge_heads_loss([torch.tensor([1.0, 5.0])], [torch.tensor([-1.0, -7.0])]),
           0.0, "confident, correct heads")
 
 
-@check("hinge-losses", "hinge_g_loss = -sum over heads of mean(fake): the student raises them")
+@check("hinge-losses", "hinge_student_loss = -sum over heads of mean(fake): the student raises them")
 def _(m, ref):
-    got = m.discriminator.hinge_g_loss([torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 0.0])])
-    close(got, -1.5, "hinge_g_loss([[1, 3], [-1, 0]]) = -(2 + -0.5)")
+    got = m.discriminator.hinge_student_loss([torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 0.0])])
+    close(got, -1.5, "hinge_student_loss([[1, 3], [-1, 0]]) = -(2 + -0.5)")
 
 
 @check("hinge-losses", "the heads' gradient raises real logits and lowers fake ones")
 def _(m, ref):
     r, f = torch.tensor([0.0], requires_grad=True), torch.tensor([0.0], requires_grad=True)
-    m.discriminator.hinge_d_loss([r], [f]).backward()
+    m.discriminator.hinge_heads_loss([r], [f]).backward()
     assert r.grad.item() < 0 < f.grad.item(), (
         f"d loss / d real = {r.grad.item():g}, d loss / d fake = {f.grad.item():g}: descending "
         "the loss must raise real logits and lower fake ones")

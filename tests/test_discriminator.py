@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import mmdit
-from discriminator import (Discriminator, DiscriminatorHead, approx_r1, hinge_d_loss,
-                           hinge_g_loss, parse_blocks)
+from discriminator import (Discriminator, DiscriminatorHead, approx_r1, hinge_heads_loss,
+                           hinge_student_loss, parse_blocks)
 
 D, DP, HIDDEN = 16, 6, 16  # small feature width, pooled width and head width for fast tests
 
@@ -44,8 +44,8 @@ def test_head_starts_at_zero_logits():
     (x,), t_hat, pooled = inputs()
     logits = head(x, t_hat, pooled)
     assert torch.equal(logits, torch.zeros(3))
-    assert hinge_d_loss([logits], [logits]).item() == 2.0  # 1 per term
-    assert hinge_g_loss([logits]).item() == 0.0
+    assert hinge_heads_loss([logits], [logits]).item() == 2.0  # 1 per term
+    assert hinge_student_loss([logits]).item() == 0.0
 
 
 def test_head_conditioned_on_t_hat_and_pooled():
@@ -60,7 +60,7 @@ def test_gradients_reach_every_head_parameter_and_the_features():
     disc = randomize(Discriminator(D, DP, [0, 2], HIDDEN))
     feats, t_hat, pooled = inputs(blocks=2, h=6, w=10)
     feats = [f.requires_grad_() for f in feats]
-    hinge_g_loss(disc(feats, t_hat, pooled)).backward()
+    hinge_student_loss(disc(feats, t_hat, pooled)).backward()
     for name, p in disc.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     for f in feats:
@@ -145,16 +145,16 @@ def test_hinge_losses_by_hand():
     fake = [torch.tensor([-2.0, 0.0, 1.0]), torch.tensor([-0.5])]
     # head 0: real relu(1 - r) = [0, .5, 2] -> 5/6; fake relu(1 + f) = [0, 1, 2] -> 1
     # head 1: real 1; fake .5
-    assert hinge_d_loss(real, fake).item() == pytest.approx(5 / 6 + 1 + 1 + 0.5)
+    assert hinge_heads_loss(real, fake).item() == pytest.approx(5 / 6 + 1 + 1 + 0.5)
     # G: -(mean(fake_0) + mean(fake_1)) = -((-2 + 0 + 1) / 3 + (-0.5)) = 1/3 + 1/2
-    assert hinge_g_loss(fake).item() == pytest.approx(5 / 6)
-    assert hinge_g_loss(real).item() == pytest.approx(-0.5)  # -((2 + .5 - 1) / 3 + 0)
-    saturated = hinge_d_loss([torch.tensor([1.0, 3.0])], [torch.tensor([-1.0, -7.0])])
+    assert hinge_student_loss(fake).item() == pytest.approx(5 / 6)
+    assert hinge_student_loss(real).item() == pytest.approx(-0.5)  # -((2 + .5 - 1) / 3 + 0)
+    saturated = hinge_heads_loss([torch.tensor([1.0, 3.0])], [torch.tensor([-1.0, -7.0])])
     assert saturated.item() == 0.0
     with pytest.raises(ValueError, match="same non-zero number"):
-        hinge_d_loss(real, fake[:1])
+        hinge_heads_loss(real, fake[:1])
     with pytest.raises(ValueError):
-        hinge_g_loss([])
+        hinge_student_loss([])
 
 
 def test_discriminator_learns_to_separate_two_distributions():
@@ -169,7 +169,7 @@ def test_discriminator_learns_to_separate_two_distributions():
     t_hat, pooled = torch.rand(8, generator=g), torch.randn(8, DP, generator=g)
     losses = []
     for _ in range(30):
-        loss = hinge_d_loss(disc(batch(1.0), t_hat, pooled), disc(batch(-1.0), t_hat, pooled))
+        loss = hinge_heads_loss(disc(batch(1.0), t_hat, pooled), disc(batch(-1.0), t_hat, pooled))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -61,13 +61,13 @@ def forward(self, x, t_hat, pooled):
     h = F.silu(self.norm_out(h))
     return self.logit_out(h).mean(dim=(1, 2, 3))   # the projection term forgotten
 '''),
-    ("hinge-losses", "discriminator.py", "hinge_d_loss", '''
-def hinge_d_loss(real_logits, fake_logits):
+    ("hinge-losses", "discriminator.py", "hinge_heads_loss", '''
+def hinge_heads_loss(real_logits, fake_logits):
     return sum(F.relu(1 + r).mean() + F.relu(1 - f).mean()      # real and fake swapped
                for r, f in zip(real_logits, fake_logits))
 '''),
-    ("hinge-losses", "discriminator.py", "hinge_g_loss", '''
-def hinge_g_loss(fake_logits):
+    ("hinge-losses", "discriminator.py", "hinge_student_loss", '''
+def hinge_student_loss(fake_logits):
     return sum(f.mean() for f in fake_logits)                    # the sign
 '''),
     ("generator-step", "train_ladd.py", "generator_step", '''
@@ -79,7 +79,7 @@ def generator_step(student, teacher, disc, opt, batch, run=StepSettings()):
     x0_hat = flow.x0_from_v(x_t, v, b.t)
     fake = flow.add_noise(x0_hat, b.eps_fake, b.t_hat).detach()   # no gradient to the student
     features = teacher.features(b.input(fake), b.t_hat, b.context, b.pooled, disc.blocks)
-    loss = hinge_g_loss(disc([f.float() for f in features], b.t_hat, b.pooled))
+    loss = hinge_student_loss(disc([f.float() for f in features], b.t_hat, b.pooled))
     stats = {"g_loss": loss.item()}
     opt.zero_grad()
     stats["g_grad_norm"], stats["g_skipped"] = 0.0, 0
@@ -140,7 +140,7 @@ def test_the_stubbed_copy_imports_and_every_grader_fails(stubbed):
 def test_a_stub_keeps_the_signature_and_docstring_and_says_what_to_write(stubbed):
     with open(os.path.join(stubbed, "discriminator.py")) as f:
         source = f.read()
-    assert "def hinge_d_loss(real_logits, fake_logits):" in source
+    assert "def hinge_heads_loss(real_logits, fake_logits):" in source
     assert '"""sum_k mean(relu(1 - real_k))' in source
     assert 'raise NotImplementedError(\n        "exercise hinge-losses: The hinge losses' in source
     assert "F.relu(1 - r)" not in source

@@ -15,7 +15,7 @@ import train_ladd
 import training
 import weights
 from conftest import LADD_SAMPLER, expect_one_line_error, ladd_argv, make_checkpoint
-from discriminator import Discriminator, hinge_d_loss, hinge_g_loss
+from discriminator import Discriminator, hinge_heads_loss, hinge_student_loss
 from pipeline import load_pipeline
 
 ONE_THREAD = True
@@ -142,12 +142,12 @@ def test_heads_judge_non_square_token_maps_of_every_block(teacher):
     # by hand: these logits lie in (-1, 1), so each head's real term relu(1 - l) plus its fake
     # term relu(1 + l) is (1 - l) + (1 + l) = 2 for every sample: 2 a head in all
     assert all(l.abs().max() < 1 for l in logits)
-    assert hinge_d_loss(logits, logits).item() == pytest.approx(2 * depth)
+    assert hinge_heads_loss(logits, logits).item() == pytest.approx(2 * depth)
     # fakes 5 lower are all below -1: no fake term, the real ones are mean(1 - l) = 1 - mean(l)
     means = [l.mean().item() for l in logits]
     lower = [l - 5 for l in logits]
-    assert hinge_d_loss(logits, lower).item() == pytest.approx(sum(1 - m for m in means))
-    assert hinge_g_loss(lower).item() == pytest.approx(sum(5 - m for m in means))  # -mean(l - 5)
+    assert hinge_heads_loss(logits, lower).item() == pytest.approx(sum(1 - m for m in means))
+    assert hinge_student_loss(lower).item() == pytest.approx(sum(5 - m for m in means))  # -mean(l - 5)
 
 
 def test_student_times_follow_the_warmup_then_the_main_distribution():
