@@ -366,7 +366,7 @@ def bench_sample(a):
 
 def ladd_case(spec):
     """Runs in its own process: builds a teacher, a student and heads of one config (random
-    weights) and times train_ladd's generator_step + discriminator_step; the process's peak
+    weights) and times train_ladd's student_step + heads_step; the process's peak
     memory is the step's. Teacher stored in the autocast dtype on CUDA, fp32 elsewhere; the
     student fp32 with AdamW, as train_ladd.py has them. The one place an entry script loads
     another: this case measures the training script's own step, in a child process."""
@@ -409,9 +409,9 @@ def ladd_case(spec):
     run = train_ladd.StepSettings(amp, grad_clip=1.0)
 
     def step():
-        fake, stats = train_ladd.generator_step(student, teacher, disc, opt_g, batch, run)
-        stats.update(train_ladd.discriminator_step(teacher, disc, opt_d, batch, fake, run))
-        if stats["g_skipped"] or stats["d_skipped"]:
+        fake, stats = train_ladd.student_step(student, teacher, disc, opt_g, batch, run)
+        stats.update(train_ladd.heads_step(teacher, disc, opt_d, batch, fake, run))
+        if stats["student_skipped"] or stats["heads_skipped"]:
             raise RuntimeError(f"a step was skipped (non-finite loss or gradient): {stats}")
     seconds = time_cases({"step": step}, device, spec["warmup"], spec["iters"])["step"]
     if cuda:
@@ -462,7 +462,7 @@ def bench_ladd(a):
     r = results[0][1]
     student = (f"a LoRA student of rank {a.lora} on {a.lora_targets} ({r['trained'] / 1e6:.3f} M "
                f"trained, sharing the teacher's weights)" if a.lora else "a full student")
-    print(f"one LADD step (train_ladd.generator_step + discriminator_step): teacher "
+    print(f"one LADD step (train_ladd.student_step + heads_step): teacher "
           f"{a.config} (depth {config.depth}, {r['params'] / 1e6:.1f} M params), {student}, "
           f"{r['heads']} heads ({r['head_params'] / 1e6:.2f} M), {a.size[0]}x{a.size[1]} px = "
           f"{h}x{w} latent, batch {a.batch}, {r['device']} autocast {r['dtype']}"

@@ -116,8 +116,6 @@ PRESETS = {
 # options a resumed run may change; every other one must equal the run's saved config
 MAY_CHANGE = ("steps", "pair_steps", "max_minutes", "log_every", "grid_every", "ckpt_every", "judge_n",
               "judge_sizes", "memory_report", "data_dir", "device", "compile", "checkpointing")
-# options newer than some saved runs: the value that reproduces a run saved without them
-OLDER_RUNS = {"pair_weight": 0.0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +335,7 @@ def train(cfg):
 
 def main(argv=None):
     return cli.training_main(Config, PRESETS, train, argv, "train_ladd.py", __doc__,
-                             may_change=MAY_CHANGE, older_runs=OLDER_RUNS)
+                             may_change=MAY_CHANGE)
 
 
 if __name__ == "__main__":

@@ -74,13 +74,16 @@ EXERCISES = [
                               ("discriminator.py", "hinge_student_loss")), 15,
              "The hinge losses over lists of per-head logits, summed over heads: the heads' "
              "mean(relu(1 - real)) + mean(relu(1 + fake)); the student's -mean(fake)."),
-    Exercise("generator-step", (("train_ladd.py", "generator_step"),), 45,
+    Exercise("student-step", (("train_ladd.py", "student_step"),), 45,
              "One student update: x_t from x0, eps and t; the student's x0_hat; the fake batch "
              "x0_hat re-noised to t_hat with eps_fake; the frozen teacher's features of it WITH "
              "autograd (the gradient must flow through the teacher into the student); the heads' "
-             "logits and the hinge loss; with run.pair_weight, plus that weight times pair_loss (the "
-             "paired rows' squared error, stats['pair_loss']); training.update. The heads are "
-             "frozen during this step. Return the features (detached, fp32) and the statistics."),
+             "logits and the hinge loss (stats['student_loss']); plus weight * value for each "
+             "(name, value, weight) of addons.student_terms, written for you (none in plain LADD; "
+             "stats[name] = value); then zero_grad, backward, training.clip_grad_norm, and "
+             "opt.step only when that norm is finite (stats student_grad_norm, student_skipped). "
+             "The heads are frozen during this step. Return the features (detached, fp32) and "
+             "the statistics."),
     Exercise("renoise-sampler", (("flow.py", "sampler_step"),), 20,
              "One sampler step from noise level s to s_next: euler x + (s_next - s) v; renoise: "
              "the prediction x0_hat = x - s v re-noised to s_next with fresh noise eps, "

@@ -214,7 +214,7 @@ def test_approx_r1_matches_the_true_gradient_norm():
 
 # ----------------------------------------------------------------------------------------------
 # the generator's path goes student -> frozen teacher features -> heads -> G loss; the whole of
-# it is tested on train_ladd.generator_step itself (tests/test_train_ladd.py); here the teacher's
+# it is tested on train_ladd.student_step itself (tests/test_train_ladd.py); here the teacher's
 # part: every feature map the heads read carries gradient to the input, none to the weights
 
 

@@ -70,8 +70,8 @@ def hinge_heads_loss(real_logits, fake_logits):
 def hinge_student_loss(fake_logits):
     return sum(f.mean() for f in fake_logits)                    # the sign
 '''),
-    ("generator-step", "train_ladd.py", "generator_step", '''
-def generator_step(student, teacher, disc, opt, batch, run=StepSettings()):
+    ("student-step", "train_ladd.py", "student_step", '''
+def student_step(student, teacher, disc, opt, batch, run=StepSettings()):
     b = batch
     disc.requires_grad_(False)
     x_t = flow.add_noise(b.x0, b.eps, b.t)
@@ -80,9 +80,9 @@ def generator_step(student, teacher, disc, opt, batch, run=StepSettings()):
     fake = flow.add_noise(x0_hat, b.eps_fake, b.t_hat).detach()   # no gradient to the student
     features = teacher.features(b.input(fake), b.t_hat, b.context, b.pooled, disc.blocks)
     loss = hinge_student_loss(disc([f.float() for f in features], b.t_hat, b.pooled))
-    stats = {"g_loss": loss.item()}
+    stats = {"student_loss": loss.item()}
     opt.zero_grad()
-    stats["g_grad_norm"], stats["g_skipped"] = 0.0, 0
+    stats["student_grad_norm"], stats["student_skipped"] = 0.0, 0
     disc.requires_grad_(True)
     return [f.detach().float() for f in features], stats
 '''),
@@ -120,7 +120,9 @@ def test_the_reference_outputs_are_the_project_code_s():
     stored = exercises.load(ROOT).weights.load_file(graders.REFERENCE)
     assert stored.keys() == recorded.keys()
     for key, value in recorded.items():  # remake with: python exercises/exercises.py record
-        assert torch.allclose(stored[key], value, atol=1e-5), key
+        # within the tolerance the grader itself allows for this output: stored float32 results
+        # of sin/cos and matmuls differ between CPUs and math libraries by more than 1e-5
+        assert (stored[key] - value).abs().max() <= graders.TOLERANCES[key], key
 
 
 @pytest.fixture(scope="module")

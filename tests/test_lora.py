@@ -86,7 +86,7 @@ def test_adapter_files_round_trip_and_refuse_another_base(teacher, tmp_path):
         lora.merge_file(other, teacher)
 
 
-def test_generator_step_trains_only_the_adapters_and_never_the_shared_teacher(teacher):
+def test_student_step_trains_only_the_adapters_and_never_the_shared_teacher(teacher):
     t = load_pipeline(teacher).model.requires_grad_(False)
     before = {k: v.clone() for k, v in t.state_dict().items()}
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def test_generator_step_trains_only_the_adapters_and_never_the_shared_teacher(te
                              torch.tensor([1.0, 0.5, 0.25]), torch.rand(3, generator=g),
                              *(torch.randn(x0.shape, generator=g) for _ in range(3)))
     for _ in range(3):
-        train_ladd.generator_step(student, t, disc, opt, batch)
+        train_ladd.student_step(student, t, disc, opt, batch)
     assert all(p.grad is None for n, p in student.named_parameters() if ".lora_" not in n)
     assert len(opt.state) == len(params)  # AdamW state for the adapters alone
     assert all(torch.equal(before[k], v) for k, v in t.state_dict().items())  # the teacher

@@ -12,6 +12,7 @@ import torch
 
 import discriminator
 import ladd_data
+import ladd_run
 import train_ladd
 import train_teacher
 import weights
@@ -98,7 +99,7 @@ def test_resume_continues_the_log_without_repeating_steps(teacher, tmp_path, mon
     steps): the resumed run re-runs step 2 and logs it once."""
     whole, part = tmp_path / "whole", tmp_path / "part"
     train_ladd.main(ladd(teacher, whole))
-    real = train_ladd.generator_step
+    real = train_ladd.student_step
 
     def crash_at_3(*args):
         crash_at_3.calls += 1
@@ -106,7 +107,7 @@ def test_resume_continues_the_log_without_repeating_steps(teacher, tmp_path, mon
             raise RuntimeError("crash")
         return real(*args)
     crash_at_3.calls = 0
-    monkeypatch.setattr(train_ladd, "generator_step", crash_at_3)
+    monkeypatch.setattr(train_ladd, "student_step", crash_at_3)
     with pytest.raises(RuntimeError):
         train_ladd.main(ladd(teacher, part))
     assert log_steps(part) == [0, 1, 2]
@@ -201,7 +202,7 @@ def test_teacher_run_folders_resume_and_overwrite(tmp_path, capsys):
 def test_ctrl_c_saves_an_exact_state_and_says_how_to_continue(teacher, finished, tmp_path,
                                                               capsys, monkeypatch):
     out = tmp_path / "run"
-    real = train_ladd.generator_step
+    real = train_ladd.student_step
 
     def ctrl_c_in_step_1(*args):
         result = real(*args)  # the signal arrives in the middle of step 1
@@ -210,7 +211,7 @@ def test_ctrl_c_saves_an_exact_state_and_says_how_to_continue(teacher, finished,
         ctrl_c_in_step_1.calls += 1
         return result
     ctrl_c_in_step_1.calls = 0
-    monkeypatch.setattr(train_ladd, "generator_step", ctrl_c_in_step_1)
+    monkeypatch.setattr(train_ladd, "student_step", ctrl_c_in_step_1)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as e:
         train_ladd.main(ladd(teacher, out))
@@ -319,7 +320,7 @@ def test_the_dataset_is_memory_mapped_fp16_read_as_fp32_rows(teacher, tmp_path):
     out = tmp_path / "run"
     train_ladd.main(ladd(teacher, out, "--steps", "0", "--data-size", "140"))  # 70 per size
     cfg = train_ladd.Config(**json.load(open(out / "config.json")))
-    pipe = train_ladd.load_teacher(cfg, torch.device("cpu"), torch.float32)
+    pipe = ladd_run.load_teacher(cfg, torch.device("cpu"), torch.float32)
     describe, take = ladd_data.prompt_source(cfg, pipe)
     dataset = ladd_data.build_dataset(cfg, pipe, describe, take, pipe.sizes)
     for bucket in dataset.values():

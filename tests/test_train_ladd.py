@@ -8,6 +8,7 @@ import torch
 
 import flow
 import ladd_data
+import ladd_run
 import metrics
 import mmdit
 import pipeline
@@ -66,43 +67,43 @@ def opt(module):
     return torch.optim.AdamW(module.parameters(), lr=1e-3)
 
 
-def test_generator_step_updates_the_student_only(teacher):
+def test_student_step_updates_the_student_only(teacher):
     teacher_m, student, disc = models(teacher)
     b = batch(teacher_m)
     before = [snapshot(m) for m in (teacher_m, student, disc)]
-    fake_features, stats = train_ladd.generator_step(student, teacher_m, disc, opt(student), b)
+    fake_features, stats = train_ladd.student_step(student, teacher_m, disc, opt(student), b)
     assert changed(before[1], student)                  # the student moved
     assert not changed(before[0], teacher_m)            # the teacher did not
     assert not changed(before[2], disc)                 # nor the heads (not its optimizer)
     assert len(fake_features) == teacher_m.config.depth            # one map per head, detached
     assert all(f.shape == (3, 32, 4, 6) and not f.requires_grad for f in fake_features)
-    assert stats["g_skipped"] == 0 and stats["g_grad_norm"] > 0
+    assert stats["student_skipped"] == 0 and stats["student_grad_norm"] > 0
 
 
-def test_discriminator_step_updates_the_heads_only(teacher):
+def test_heads_step_updates_the_heads_only(teacher):
     teacher_m, student, disc = models(teacher)
     b = batch(teacher_m)
     before = [snapshot(m) for m in (teacher_m, student, disc)]
     fake = flow.add_noise(b.x0 + 0.5 * torch.randn_like(b.x0), b.eps_fake, b.t_hat)
     fake_features = teacher_m.features(fake, b.t_hat, b.context, b.pooled, disc.blocks)
-    stats = train_ladd.discriminator_step(teacher_m, disc, opt(disc), b, fake_features)
+    stats = train_ladd.heads_step(teacher_m, disc, opt(disc), b, fake_features)
     assert set(changed(before[2], disc)) == set(before[2])  # every head parameter moved
     assert not changed(before[0], teacher_m) and not changed(before[1], student)
-    assert stats["d_skipped"] == 0 and stats["d_loss"] > 0
+    assert stats["heads_skipped"] == 0 and stats["heads_loss"] > 0
 
 
 def student_gradient(student, teacher_m, disc, b, pair_weight=0.0):
-    """generator_step's gradient of the student as its optimizer receives it: SGD with lr 0
+    """student_step's gradient of the student as its optimizer receives it: SGD with lr 0
     leaves every weight as it was and p.grad as training.update left it (unclipped: no limit)."""
     sgd = torch.optim.SGD(student.parameters(), lr=0.0)
     run = train_ladd.StepSettings(grad_clip=float("inf"), pair_weight=pair_weight)
-    features, stats = train_ladd.generator_step(student, teacher_m, disc, sgd, b, run)
-    assert stats["g_skipped"] == 0
+    features, stats = train_ladd.student_step(student, teacher_m, disc, sgd, b, run)
+    assert stats["student_skipped"] == 0
     assert all(p.grad is not None for p in student.parameters())  # every weight takes part
     return torch.cat([p.grad.flatten() for p in student.parameters()]), features, stats
 
 
-def test_generator_step_back_propagates_through_the_frozen_teacher_and_heads(teacher):
+def test_student_step_back_propagates_through_the_frozen_teacher_and_heads(teacher):
     """The student's gradient comes through the teacher's features and the heads' logits: it
     changes with either's weights, and neither collects a gradient or moves."""
     teacher_m, student, disc = models(teacher)
@@ -116,7 +117,7 @@ def test_generator_step_back_propagates_through_the_frozen_teacher_and_heads(tea
     assert all(f.grad_fn is None and not f.requires_grad for f in features)  # detached
     with torch.no_grad():  # the returned features are the ones the heads judged
         logits = disc(features, b.t_hat, b.pooled)
-    assert stats["g_loss"] == pytest.approx(-sum(l.mean() for l in logits).item(), rel=1e-5)
+    assert stats["student_loss"] == pytest.approx(-sum(l.mean() for l in logits).item(), rel=1e-5)
     assert torch.equal(student_gradient(student, teacher_m, disc, b)[0], g1)  # reproducible
     weight = teacher_m.joint_blocks[0].x_block.mlp.fc2.weight
     with torch.no_grad():
@@ -173,9 +174,9 @@ def test_one_run_makes_a_sampleable_4_step_student(teacher, tmp_path, capsys):
     keys = set(weights.read_header(out / "model.safetensors")[0])
     assert keys == set(mmdit.MMDiT(pipe.model.config).state_dict())  # the SD3 layout, bare keys
     logs = [json.loads(line) for line in open(out / "log.jsonl")]
-    steps = [r for r in logs if "d_loss" in r]
+    steps = [r for r in logs if "heads_loss" in r]
     assert [r["step"] for r in steps] == [0, 1, 2, 3]
-    for key in ("g_loss", "logit_real", "logit_fake", "g_grad_norm", "d_grad_norm", "skipped_g",
+    for key in ("student_loss", "logit_real", "logit_fake", "student_grad_norm", "heads_grad_norm", "skipped",
                 "samples_per_s"):
         assert all(key in r for r in steps), key
     assert {tuple(r["size"]) for r in steps} <= {(8, 8), (8, 12)}  # latents of the two buckets
@@ -196,8 +197,7 @@ def test_resume_matches_an_uninterrupted_run(teacher, tmp_path):
 
 
 def test_a_run_saved_before_the_pairs_resumes_as_it_was(teacher, tmp_path):
-    """A config.json without pair_weight comes from plain LADD: it resumes with --pair-weight 0,
-    not with today's default."""
+    """A config.json without pair_weight comes from plain LADD: it resumes with --pair-weight 0."""
     whole, part = tmp_path / "whole", tmp_path / "part"
     train_ladd.main(argv(teacher, whole, "--steps", "4", "--pair-weight", "0"))
     train_ladd.main(argv(teacher, part, "--steps", "2", "--pair-weight", "0"))
@@ -251,7 +251,7 @@ def test_a_non_finite_step_is_skipped_and_never_saved(teacher, tmp_path, monkeyp
     out = tmp_path / "nan"
     train_ladd.main(argv(teacher, out, "--steps", "2"))
     state = weights.load_state(out / "state.safetensors")
-    assert state["skipped"] == {"g": 2, "d": 2}
+    assert state["skipped"] == {"student": 2, "heads": 2}
     saved = weights.load_file(out / "model.safetensors")
     start = load_pipeline(teacher).model.state_dict()
     assert all(torch.equal(saved[k], start[k]) for k in start)  # untouched, finite
@@ -275,7 +275,8 @@ def test_bad_inputs_fail_before_any_work(teacher, tmp_path, capsys):
                           "--pair-share 1.5", "[0, 1]")
     expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--pair-steps", "-1"),
                           "--pair-steps -1", "integer >= 0")
-    expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--data", "real"),
+    expect_one_line_error(train_ladd.main, capsys, argv(teacher, out, "--data", "real",
+                                                          "--pair-weight", "30"),
                           "--pair-weight 30", "--data real", "--pair-weight 0")
     assert not out.exists()  # nothing was written
 
@@ -304,7 +305,7 @@ def test_a_model_without_a_text_encoder_trains_on_precomputed_conditioning(teach
     train_ladd.main(argv(sd3, out, "--cond", str(cond), "--steps", "2", "--distill-weight", "0.5",
                          "--data-dir", str(tmp_path / "data")))
     logs = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert all("distill_loss" in r for r in logs if "g_loss" in r)
+    assert all("distill_loss" in r for r in logs if "student_loss" in r)
     shard = weights.load_file(dataset_folder(tmp_path / "data") / "16x16_0000.safetensors")
     assert shard["context"].shape == (4, 7, 64)  # rows of the cond file, cycled
     assert torch.equal(shard["context"][3].float(), shard["context"][0].float())
@@ -345,8 +346,8 @@ def after_one_step(teacher, optim_dtype):
     b, cpu = batch(teacher_m), torch.device("cpu")
     opt_g = training.make_optimizer(student.parameters(), 1e-3, (0.9, 0.99), cpu, optim_dtype)
     opt_d = training.make_optimizer(disc.parameters(), 1e-3, (0.0, 0.99), cpu)
-    fake, _ = train_ladd.generator_step(student, teacher_m, disc, opt_g, b)
-    train_ladd.discriminator_step(teacher_m, disc, opt_d, b, fake)
+    fake, _ = train_ladd.student_step(student, teacher_m, disc, opt_g, b)
+    train_ladd.heads_step(teacher_m, disc, opt_d, b, fake)
     ema = mmdit.MMDiT(student.config).requires_grad_(False)
     ema.load_state_dict(student.state_dict())
     return [teacher_m, student, ema, disc, opt_g, opt_d]
@@ -469,8 +470,8 @@ def test_inpainting_ladd_end_to_end(tmp_path, capsys):
     losses = []
     for scale in (1.0, -1.0):
         b.known = scale * torch.ones(3, 1 + z, 8, 12)
-        _, stats = train_ladd.generator_step(student, teacher_m, disc, opt(student), b)
-        losses.append(stats["g_loss"])
+        _, stats = train_ladd.student_step(student, teacher_m, disc, opt(student), b)
+        losses.append(stats["student_loss"])
     assert losses[0] != losses[1]
     # a t2i teacher with --task inpaint, an inpainting one without: one-line errors
     capsys.readouterr()
@@ -542,11 +543,27 @@ def test_the_end_of_run_judge_at_sizes_no_model_trained_at(teacher, tmp_path, ca
     assert not bad.exists()
 
 
-def test_the_long_preset_is_the_default_run_continued_without_the_pairs():
-    default, long = train_ladd.Config(), train_ladd.Config(**train_ladd.PRESETS["long"])
-    assert long.steps == 2 * default.steps and long.pair_steps == default.steps
-    differs = {f.name for f in dataclasses.fields(default) if getattr(default, f.name) != getattr(long, f.name)}
-    assert differs == {"steps", "pair_steps"}  # the same data (cached), schedule and EMA
+def changed_fields(a, b):
+    return {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
+
+
+def test_the_default_run_is_plain_ladd_with_every_add_on_off():
+    cfg = train_ladd.Config()
+    assert cfg.pair_weight == cfg.distill_weight == cfg.r1_weight == 0 and cfg.data == "synthetic"
+    s = train_ladd.StepSettings()
+    assert s.pair_weight == s.r1_weight == 0 and s.distill is None
+
+
+def test_the_pairs_preset_adds_the_pairs_and_nothing_else():
+    default, pairs = train_ladd.Config(), train_ladd.Config(**train_ladd.PRESETS["pairs"])
+    assert changed_fields(default, pairs) <= {"pair_weight", "steps"} and pairs.pair_weight == 30
+    assert pairs.steps == 1600  # the budget its 0.828 was measured at
+
+
+def test_the_long_preset_is_the_pairs_run_continued_without_the_pairs():
+    pairs, long = train_ladd.Config(**train_ladd.PRESETS["pairs"]), train_ladd.Config(**train_ladd.PRESETS["long"])
+    assert long.steps == 2 * pairs.steps and long.pair_steps == pairs.steps
+    assert changed_fields(pairs, long) == {"steps", "pair_steps"}  # the same data, schedule, EMA
 
 
 def pair_batches(teacher, tmp_path, steps, **changes):
@@ -557,10 +574,10 @@ def pair_batches(teacher, tmp_path, steps, **changes):
         train_ladd.main(argv(teacher, out, "--steps", "0", "--data-size", "8"))
     cfg = train_ladd.Config(**{**json.load(open(out / "config.json")), "time_probs": "1,1,0,0",
                                **changes})
-    pipe = train_ladd.load_teacher(cfg, torch.device("cpu"), torch.float32)
+    pipe = ladd_run.load_teacher(cfg, torch.device("cpu"), torch.float32)
     describe, take = ladd_data.prompt_source(cfg, pipe)
     dataset = ladd_data.build_dataset(cfg, pipe, describe, take, pipe.sizes)
-    schedule = train_ladd.check_config(cfg)
+    _, schedule = ladd_run.check_config(cfg)
     return [train_ladd.draw_batch(cfg, dataset, schedule, step, training.World(), torch.device("cpu"))
             for step in steps], pipe, take
 
@@ -583,8 +600,8 @@ def test_a_run_may_continue_without_the_pairs(teacher, tmp_path):
     """--resume RUN --steps N --pair-steps K is the run that had --pair-steps K from the start:
     the long preset is the default run continued this way."""
     whole, part = tmp_path / "whole", tmp_path / "part"
-    train_ladd.main(argv(teacher, whole, "--steps", "4", "--pair-steps", "2"))
-    train_ladd.main(argv(teacher, part, "--steps", "2"))
+    train_ladd.main(argv(teacher, whole, "--steps", "4", "--pair-weight", "30", "--pair-steps", "2"))
+    train_ladd.main(argv(teacher, part, "--steps", "2", "--pair-weight", "30"))
     train_ladd.main(["--resume", str(part), "--steps", "4", "--pair-steps", "2"])
     a, b = weights.load_state(whole / "state.safetensors"), weights.load_state(part / "state.safetensors")
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
