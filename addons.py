@@ -6,9 +6,10 @@ here (docs/results.md has the tables).
 
 - pairs (`--pair-weight`, DMD's regression onto the teacher's noise -> sample pairs): half the
   t = 1 rows start from the very noise the teacher turned into their x0, so x0 is the right answer
-  for them: + weight * |x0_hat - x0|^2 on those rows. It costs no model pass. Measured at 1600
-  steps: 0.828 against plain LADD's 0.790 on the seven-size table; it helps early and blurs later
-  (squared error rewards the mean of the possible outlines), so `--preset long` stops it halfway.
+  for them: + weight * |x0_hat - x0|^2 on those rows. It costs no model pass. It helps early (at
+  1600 steps 0.828 against plain LADD's 0.790 on the seven-size table) and blurs later (squared
+  error rewards the mean of the possible outlines), so `--preset pairs` stops it halfway: 0.868
+  at 3200 steps against plain LADD's 0.850.
 - distillation (`--distill-weight`, ADD's second loss, which LADD drops): + weight *
   |x0_hat - the guided teacher's x0 from the fake batch|^2. One more (guided: two) teacher pass.
 - R1 (`--r1-weight`, ADD used gamma 1e-5, LADD reports none): a finite-difference estimate of the

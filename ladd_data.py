@@ -109,6 +109,10 @@ def data_settings(cfg, pipe, describe, sizes):
 
 
 SHARD = 64  # latents per cache file
+# datasets that ship with the project, read before --data-dir: the default run's (seed 0), made
+# by `python train_ladd.py --data-dir assets/data --steps 0 --judge-n 0 --out runs/data_only`
+# when assets/data holds no folder of its settings
+SHIPPED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "data")
 NOISE_SEED = 10_000_000  # synthetic latent i starts from the noise of seed NOISE_SEED + i
 
 
@@ -118,16 +122,19 @@ def build_dataset(cfg, pipe, describe, take, sizes, world=training.World()):
     rows of them). Generates (and caching, one atomic shard at a time) whatever is missing. With several
     processes each generates its share of the missing shards; then every rank reads them all."""
     settings = data_settings(cfg, pipe, describe, sizes)
-    folder = os.path.join(cfg.data_dir, hashlib.sha1(json.dumps(settings, sort_keys=True)
-                                                     .encode()).hexdigest()[:16])
-    os.makedirs(folder, exist_ok=True)
-    if world.main:
-        weights.atomic_write(os.path.join(folder, "settings.json"),
-                             lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     per_size = max(1, cfg.data_size // len(sizes))
-    shards = [(os.path.join(folder, f"{w}x{h}_{start // SHARD:04d}.safetensors"), (w, h),
-               list(range(k * per_size + start, k * per_size + min(start + SHARD, per_size))))
-              for k, (w, h) in enumerate(sizes) for start in range(0, per_size, SHARD)]
+    names = [(f"{w}x{h}_{start // SHARD:04d}.safetensors", (w, h),
+              list(range(k * per_size + start, k * per_size + min(start + SHARD, per_size))))
+             for k, (w, h) in enumerate(sizes) for start in range(0, per_size, SHARD)]
+    folder = os.path.join(SHIPPED_DATA, key)  # the default run's data come with the project
+    if not all(os.path.isfile(os.path.join(folder, name)) for name, _, _ in names):
+        folder = os.path.join(cfg.data_dir, key)
+        os.makedirs(folder, exist_ok=True)
+        if world.main:
+            weights.atomic_write(os.path.join(folder, "settings.json"),
+                                 lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    shards = [(os.path.join(folder, name), size, index) for name, size, index in names]
     missing = [s for s in shards if not os.path.isfile(s[0])]
     for path, (w, h), index in tqdm(missing[world.rank::world.size], desc=f"{cfg.data} data",
                                     unit="shard", dynamic_ncols=True, disable=not world.main):

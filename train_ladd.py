@@ -47,7 +47,7 @@ from discriminator import Discriminator, hinge_heads_loss, hinge_student_loss
 @dataclass
 class Config:
     # LADD (the paper's method; every default measured on the shapes world, docs/results.md)
-    steps: int = 1600                  # student updates, one heads update each
+    steps: int = 3200                  # student updates, one heads update each
     batch_size: int = 8                # latents per step, all of one size (aspect-ratio bucket)
     lr: float = 1e-5                   # student AdamW
     disc_lr: float = 1e-3              # heads AdamW, beta1 = 0
@@ -90,7 +90,7 @@ class Config:
     out: str = "runs/ladd"             # run folder: student, state, log.jsonl, comparison grids
     resume: str = ""                   # a run folder to continue (its saved settings)
     overwrite: bool = False            # start again in an --out that holds a run (replaces it)
-    preset: str = "default"            # default | pairs | long | test (PRESETS below)
+    preset: str = "default"            # default | pairs | test (PRESETS below)
     device: str = "auto"               # auto: cuda, then mps, then cpu
     dtype: str = "auto"                # autocast dtype: auto = bf16 on CUDA, fp32 elsewhere
     optim_dtype: str = "fp32"          # the student's AdamW moments: fp32 | bf16 (half the memory)
@@ -107,9 +107,8 @@ class Config:
 
 
 PRESETS = {
-    "default": {},                                                   # plain LADD
-    "pairs": dict(pair_weight=30.0),                                 # + DMD's pairs, 1600 steps
-    "long": dict(steps=3200, pair_weight=30.0, pair_steps=1600),     # pairs, then plain LADD
+    "default": {},                                           # plain LADD
+    "pairs": dict(pair_weight=30.0, pair_steps=1600),        # + DMD's pairs in the first half
     "test": dict(data_size=8, steps=4, batch_size=4, warmup=1, log_every=1, grid_every=0,
                  ckpt_every=2, judge_n=4),
 }

@@ -554,16 +554,10 @@ def test_the_default_run_is_plain_ladd_with_every_add_on_off():
     assert s.pair_weight == s.r1_weight == 0 and s.distill is None
 
 
-def test_the_pairs_preset_adds_the_pairs_and_nothing_else():
+def test_the_pairs_preset_adds_the_pairs_in_the_first_half_and_nothing_else():
     default, pairs = train_ladd.Config(), train_ladd.Config(**train_ladd.PRESETS["pairs"])
-    assert changed_fields(default, pairs) <= {"pair_weight", "steps"} and pairs.pair_weight == 30
-    assert pairs.steps == 1600  # the budget its 0.828 was measured at
-
-
-def test_the_long_preset_is_the_pairs_run_continued_without_the_pairs():
-    pairs, long = train_ladd.Config(**train_ladd.PRESETS["pairs"]), train_ladd.Config(**train_ladd.PRESETS["long"])
-    assert long.steps == 2 * pairs.steps and long.pair_steps == pairs.steps
-    assert changed_fields(pairs, long) == {"steps", "pair_steps"}  # the same data, schedule, EMA
+    assert changed_fields(default, pairs) == {"pair_weight", "pair_steps"}  # same data, steps, EMA
+    assert pairs.pair_weight == 30 and 2 * pairs.pair_steps == pairs.steps
 
 
 def pair_batches(teacher, tmp_path, steps, **changes):

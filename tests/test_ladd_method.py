@@ -1,0 +1,716 @@
+"""Tests that guard the method: one behaviour test for each line of the LADD step.
+
+Each test is named after the quantity it guards (`pytest -k eps_fake`, `-k t_hat`, `-k grad_clip`,
+`-k ema` ...), so a broken line (a swapped argument, a missing re-noise, a wrong time, a wrong
+sign, an ignored setting) fails a test that says what broke. Tiny models (mmdit.CONFIGS["test"]),
+fixed seeds and draws; recording wrappers around the student's forward, the teacher's
+`features` and the heads' forward make "who reads what" exact.
+"""
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import addons
+import flow
+import ladd_data
+import mmdit
+import train_ladd
+import training
+from conftest import LADD_SAMPLER, ladd_argv, make_checkpoint
+from discriminator import Discriminator
+
+ONE_THREAD = True  # see conftest.py
+
+CONFIG = mmdit.CONFIGS["test"]  # depth 3, width 32, 4 latent channels, context 10, pooled 12
+BLOCKS = [0, 2]                 # heads on two of the teacher's three blocks
+NOISES = ("eps", "eps_fake", "eps_real")
+INF = float("inf")
+TIMES, PROBS, WARM = [1.0, 0.75, 0.5, 0.25], [0.7, 0.1, 0.1, 0.1], [0.0, 0.0, 0.5, 0.5]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers: tiny models, a fixed batch, recording wrappers
+
+
+def perturb(module, seed, std):
+    """Add std * noise to every parameter (the MMDiT's zero-initialised gates and output layer
+    and the heads' zero output layers included), so that every part acts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return module
+
+
+def tiny_models(seed=0):
+    """The frozen teacher, the student (its copy, as LADD starts) and opinionated heads."""
+    torch.manual_seed(seed)
+    teacher = perturb(mmdit.MMDiT(CONFIG), seed, 0.05).requires_grad_(False)
+    student = mmdit.MMDiT(CONFIG)
+    student.load_state_dict(teacher.state_dict())
+    heads = perturb(Discriminator.for_teacher(CONFIG, BLOCKS, hidden=16), seed + 1, 0.1)
+    return teacher, student, heads
+
+
+def tiny_batch(B=3, H=8, W=12, seed=0):
+    """A fixed Batch: a non-square 8 x 12 latent (a 4 x 6 token map), t = 1, .5, .25, a drawn t_hat
+    unlike every t, and three separate noises."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, CONFIG.out_channels, H, W, generator=g)             # [B, C, h, w]
+    context = torch.randn(B, 5, CONFIG.context_dim, generator=g)            # [B, L, Dc]
+    pooled = torch.randn(B, CONFIG.pooled_dim, generator=g)                 # [B, Dp]
+    t = torch.tensor([1.0, 0.5, 0.25])[:B]                                  # [B]
+    t_hat = flow.sample_t_logit_normal(B, 0.0, 1.0, g)                      # [B]
+    noise = {k: torch.randn(x0.shape, generator=g) for k in NOISES}         # [B, C, h, w] each
+    assert ((t_hat - t).abs() > 0.05).all()  # the times tell apart which one was used
+    return train_ladd.Batch(x0, context, pooled, t, t_hat, **noise)
+
+
+def settings(grad_clip=INF):
+    return train_ladd.StepSettings(grad_clip=grad_clip)
+
+
+def sgd(module, lr=0.0):
+    """lr 0: every weight stays as it was and p.grad is what the step left."""
+    return torch.optim.SGD(module.parameters(), lr=lr)
+
+
+def frozen_copy(x):
+    """Detached copies of the tensors in x (a tensor, a list of them, or anything else)."""
+    if torch.is_tensor(x):
+        return x.detach().clone()
+    if isinstance(x, (list, tuple)):
+        return [frozen_copy(y) for y in x]
+    return x
+
+
+def record(obj, name):
+    """Wrap obj.<name> (a bound method: a module's forward, the teacher's features) so that each
+    call appends {argument name: detached copy, "grad": autograd on?, "out": detached output}."""
+    real, calls = getattr(obj, name), []
+    signature = inspect.signature(real)
+
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out = real(*args, **kwargs)
+        calls.append({**{k: frozen_copy(v) for k, v in bound.arguments.items()},
+                      "grad": torch.is_grad_enabled(), "out": frozen_copy(out)})
+        return out
+    setattr(obj, name, wrapper)  # an instance attribute: shadows the method (and nn.Module calls it)
+    return calls
+
+
+def flat(values):
+    return torch.cat([v.detach().flatten() for v in values])
+
+
+def weights_of(module):
+    return flat(module.parameters()).clone()
+
+
+def grads_of(module):
+    return flat(p.grad for p in module.parameters())
+
+
+def mean_logits(heads, features, b):
+    """The heads' mean logit on `features`, one per head [K], weights as they are now."""
+    with torch.no_grad():
+        return torch.stack([l.mean() for l in heads(features, b.t_hat, b.pooled)])
+
+
+def real_features_of(teacher, heads, b):
+    """The teacher's features of the real batch, computed here by hand (x0 at t_hat, eps_real)."""
+    with torch.no_grad():
+        real = flow.add_noise(b.x0, b.eps_real, b.t_hat)                     # [B, C, h, w]
+        return teacher.features(real, b.t_hat, b.context, b.pooled, heads.blocks)
+
+
+def x0_hat_by_hand(student, b):
+    """The student's x0_hat of the batch, by hand (x0 at t with eps, then x_t - t v)."""
+    with torch.no_grad():
+        x_t = flow.add_noise(b.x0, b.eps, b.t)                               # [B, C, h, w]
+        return flow.x0_from_v(x_t, student(x_t, b.t, b.context, b.pooled), b.t)
+
+
+# ----------------------------------------------------------------------------------------------
+# what is re-noised, to which level, with which noise
+
+
+def test_student_input_x_t_is_x0_noised_to_t_with_eps():
+    """student_step: the student reads x_t = (1 - t) x0 + t eps (its own noise, its own time)."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    calls = record(student, "forward")
+    train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    assert len(calls) == 1
+    assert torch.equal(calls[0]["x"], flow.add_noise(b.x0, b.eps, b.t))
+
+
+def test_fake_is_x0_hat_noised_to_t_hat_with_eps_fake():
+    """student_step: the teacher judges fake = x0_hat noised to t_hat with eps_fake, where
+    x0_hat = x_t - t v is the student's prediction (not x0, not at t, not with eps/eps_real)."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    x0_hat = x0_hat_by_hand(student, b)                                      # [B, C, h, w]
+    assert not torch.allclose(x0_hat, b.x0, atol=0.1)  # the student's answer is not the data
+    calls = record(teacher, "features")
+    train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    assert len(calls) == 1
+    expected = flow.add_noise(x0_hat, b.eps_fake, b.t_hat)                   # [B, C, h, w]
+    assert torch.allclose(calls[0]["x"], expected, rtol=0, atol=1e-5)
+
+
+def test_real_is_x0_noised_to_t_hat_with_eps_real():
+    """heads_step: the teacher reads real = x0 noised to t_hat with eps_real."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    calls = record(teacher, "features")
+    train_ladd.heads_step(teacher, heads, sgd(heads), b, fake_features, settings())
+    assert len(calls) == 1
+    assert torch.equal(calls[0]["x"], flow.add_noise(b.x0, b.eps_real, b.t_hat))
+
+
+# ----------------------------------------------------------------------------------------------
+# which time and which prompt the student, the teacher and the heads are told
+
+
+def test_student_time_is_t_and_its_context_and_pooled_the_batchs():
+    """student_step: the student is told t (not t_hat) and the batch's context and pooled."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    calls = record(student, "forward")
+    train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    (call,) = calls
+    assert torch.equal(call["t"], b.t)
+    assert torch.equal(call["context"], b.context) and torch.equal(call["y"], b.pooled)
+
+
+def test_teacher_time_is_t_hat_in_student_step():
+    """student_step: the teacher is told t_hat (the fake's level), the batch's context and pooled
+    and the heads' blocks, and runs with autograd on (the verdict flows back through it)."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    calls = record(teacher, "features")
+    train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    (call,) = calls
+    assert torch.equal(call["t"], b.t_hat)
+    assert torch.equal(call["context"], b.context) and torch.equal(call["y"], b.pooled)
+    assert list(call["blocks"]) == heads.blocks
+    assert call["grad"]
+
+
+def test_teacher_time_is_t_hat_in_heads_step():
+    """heads_step: the teacher is told t_hat, the batch's context and pooled and the heads'
+    blocks, and runs without autograd (the real batch needs no graph)."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    calls = record(teacher, "features")
+    train_ladd.heads_step(teacher, heads, sgd(heads), b, fake_features, settings())
+    (call,) = calls
+    assert torch.equal(call["t"], b.t_hat)
+    assert torch.equal(call["context"], b.context) and torch.equal(call["y"], b.pooled)
+    assert list(call["blocks"]) == heads.blocks
+    assert not call["grad"]
+
+
+def test_heads_time_is_t_hat_in_student_step():
+    """student_step: the heads judge the teacher's fake features, told t_hat and the batch's
+    pooled vector."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    teacher_calls, heads_calls = record(teacher, "features"), record(heads, "forward")
+    train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    (call,) = heads_calls
+    assert torch.equal(call["t_hat"], b.t_hat) and torch.equal(call["pooled"], b.pooled)
+    features = teacher_calls[0]["out"]                                       # [B, D, h', w'] each
+    assert len(call["features"]) == len(features) == len(BLOCKS)
+    assert all(torch.equal(h, t) for h, t in zip(call["features"], features))  # in block order
+
+
+def test_heads_time_is_t_hat_for_real_and_fake_in_heads_step():
+    """heads_step: one heads pass over [real; fake] rows (real first), every row told its own
+    t_hat and pooled vector: t_hat and pooled repeated as a block, not interleaved."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    B = len(b.x0)
+    fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    teacher_calls, heads_calls = record(teacher, "features"), record(heads, "forward")
+    train_ladd.heads_step(teacher, heads, sgd(heads), b, fake_features, settings())
+    (call,) = heads_calls
+    assert torch.equal(call["t_hat"], torch.cat([b.t_hat, b.t_hat]))        # [2B]
+    assert torch.equal(call["pooled"], torch.cat([b.pooled, b.pooled]))     # [2B, Dp]
+    real_features = teacher_calls[0]["out"]
+    assert len(call["features"]) == len(BLOCKS)
+    for judged, real, fake in zip(call["features"], real_features, fake_features):  # [2B, D, h', w']
+        assert torch.equal(judged[:B], real) and torch.equal(judged[B:], fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# which logits are real, and the losses
+
+
+def test_real_logits_up_fake_logits_down_after_heads_step():
+    """One heads_step (SGD) on a fixed batch: every head's mean logit on the real features rises
+    and on the fake features falls (the heads learn which is which)."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    real_features = real_features_of(teacher, heads, b)
+    real0, fake0 = mean_logits(heads, real_features, b), mean_logits(heads, fake_features, b)  # [K]
+    train_ladd.heads_step(teacher, heads, sgd(heads, lr=0.01), b, fake_features, settings())
+    real1, fake1 = mean_logits(heads, real_features, b), mean_logits(heads, fake_features, b)
+    assert (real1 > real0).all(), (real0, real1)
+    assert (fake1 < fake0).all(), (fake0, fake1)
+
+
+def test_heads_loss_is_the_hinge_of_real_and_fake_logits():
+    """heads_loss = sum over heads of mean(relu(1 - real)) + mean(relu(1 + fake)), by hand from
+    the heads' logits before the step; logit_real and logit_fake are their means."""
+    teacher, student, heads = tiny_models()
+    with torch.no_grad():  # larger logits, so that the relu clips some rows and the sign matters
+        for head in heads.heads.values():
+            head.logit_out.weight.mul_(30.0)
+            head.logit_out.bias.fill_(0.3)
+    b = tiny_batch(B=3)
+    fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    real_features = real_features_of(teacher, heads, b)
+    with torch.no_grad():
+        real = heads(real_features, b.t_hat, b.pooled)                       # [B] each
+        fake = heads(fake_features, b.t_hat, b.pooled)
+    clipped = torch.cat(real + fake)
+    assert (clipped > 1).any() or (clipped < -1).any()  # some hinge term is inactive
+    expected = sum((1 - r).clamp(min=0).mean() + (1 + f).clamp(min=0).mean() for r, f in zip(real, fake))
+    stats = train_ladd.heads_step(teacher, heads, sgd(heads), b, fake_features, settings())
+    assert stats["heads_loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+    assert stats["logit_real"] == pytest.approx(torch.stack([r.mean() for r in real]).mean().item(),
+                                                rel=1e-4, abs=1e-6)
+    assert stats["logit_fake"] == pytest.approx(torch.stack([f.mean() for f in fake]).mean().item(),
+                                                rel=1e-4, abs=1e-6)
+
+
+def test_student_loss_is_minus_the_mean_fake_logit():
+    """student_loss = -sum over heads of mean(fake logits), by hand from the heads' logits on the
+    features student_step returns (the ones it judged)."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    fake_features, stats = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    expected = -mean_logits(heads, fake_features, b).sum()
+    assert abs(expected.item()) > 1e-3  # the sign is visible
+    assert stats["student_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_student_step_raises_the_fake_logits():
+    """The sign of the student's update: after one student_step (SGD) the heads' logits on its
+    fake batch (same draws, by hand) are higher: the student learns to pass as real."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+
+    def fake_logit():
+        fake = flow.add_noise(x0_hat_by_hand(student, b), b.eps_fake, b.t_hat)
+        with torch.no_grad():
+            return mean_logits(heads, teacher.features(fake, b.t_hat, b.context, b.pooled,
+                                                       heads.blocks), b).sum().item()
+    before = fake_logit()
+    train_ladd.student_step(student, teacher, heads, sgd(student, lr=1e-3), b, settings())
+    assert fake_logit() > before + 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# what receives gradient
+
+
+def test_student_gradient_flows_through_the_teacher():
+    """The student's gradient is non-zero and changes with the teacher's weights: the heads'
+    verdict flows back through the frozen teacher (not through a copy, not the student itself)."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+
+    def student_gradient():
+        train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+        return grads_of(student)
+    g1 = student_gradient()
+    assert g1.abs().sum() > 0
+    with torch.no_grad():
+        teacher.joint_blocks[0].x_block.mlp.fc2.weight.mul_(2.0)  # another teacher only
+    g2 = student_gradient()
+    assert not torch.allclose(g1, g2)
+
+
+def test_heads_grad_is_none_in_student_step():
+    """student_step: the heads only judge; their parameters get no gradient (grad None) and do
+    not move; the teacher gets none either."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    before = weights_of(heads)
+    train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    assert all(p.grad is None for p in heads.parameters())
+    assert torch.equal(weights_of(heads), before)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_heads_requires_grad_is_restored_after_student_step():
+    """student_step freezes the heads only while it runs: they end with requires_grad True, so
+    heads_step can train them."""
+    teacher, student, heads = tiny_models()
+    train_ladd.student_step(student, teacher, heads, sgd(student), tiny_batch(), settings())
+    assert all(p.requires_grad for p in heads.parameters())
+
+
+def test_fake_features_are_detached_so_heads_step_leaves_the_student_alone():
+    """student_step returns the fake features detached: heads_step's backward reaches neither the
+    student's weights nor its gradients, nor the teacher."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    assert all(not f.requires_grad and f.grad_fn is None for f in fake_features)
+    weights, grads = weights_of(student), grads_of(student).clone()
+    train_ladd.heads_step(teacher, heads, sgd(heads, lr=0.01), b, fake_features, settings())
+    assert torch.equal(weights_of(student), weights) and torch.equal(grads_of(student), grads)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_calls_one_per_step_fake_features_reused():
+    """The teacher runs once in student_step (on the fake batch) and once in heads_step (on the
+    real batch only): heads_step reuses student_step's fake features, never re-computes them."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    calls = record(teacher, "features")
+    fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    assert len(calls) == 1
+    train_ladd.heads_step(teacher, heads, sgd(heads), b, fake_features, settings())
+    assert len(calls) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the update: clip, reported norm, skipped steps, zero_grad, EMA
+
+
+def test_student_grad_clip_bounds_the_update():
+    """student_step: with SGD lr 1 the weights move by the applied gradient, whose norm the clip
+    bounds (the raw gradient is 10+ times larger)."""
+    teacher, student, heads = tiny_models()
+    clip, before = 1e-3, weights_of(student)
+    _, stats = train_ladd.student_step(student, teacher, heads, sgd(student, lr=1.0), tiny_batch(),
+                                       settings(clip))
+    assert stats["student_skipped"] == 0 and stats["student_grad_norm"] > 10 * clip
+    change = (weights_of(student) - before).double().norm().item()
+    assert 0 < change <= clip * (1 + 1e-3)
+
+
+def test_heads_grad_clip_bounds_the_update():
+    """heads_step: as the student's, the heads' applied gradient is clipped to grad_clip."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    clip, before = 1e-3, weights_of(heads)
+    stats = train_ladd.heads_step(teacher, heads, sgd(heads, lr=1.0), b, fake_features, settings(clip))
+    assert stats["heads_skipped"] == 0 and stats["heads_grad_norm"] > 10 * clip
+    change = (weights_of(heads) - before).double().norm().item()
+    assert 0 < change <= clip * (1 + 1e-3)
+
+
+def test_student_grad_norm_is_the_pre_clip_norm():
+    """student_grad_norm reports the gradient's norm before clipping (the unclipped gradient's,
+    by hand), while the gradient applied is the clipped one."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    train_ladd.student_step(student, teacher, heads, sgd(student), b, settings(INF))  # no clip
+    raw = grads_of(student).double().norm().item()
+    clip = raw / 100
+    _, stats = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings(clip))
+    assert stats["student_grad_norm"] == pytest.approx(raw, rel=1e-4)
+    assert grads_of(student).double().norm().item() == pytest.approx(clip, rel=1e-3)
+
+
+def test_heads_grad_norm_is_the_pre_clip_norm():
+    """heads_grad_norm reports the heads' gradient norm before clipping."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    train_ladd.heads_step(teacher, heads, sgd(heads), b, fake_features, settings(INF))
+    raw = grads_of(heads).double().norm().item()
+    clip = raw / 100
+    stats = train_ladd.heads_step(teacher, heads, sgd(heads), b, fake_features, settings(clip))
+    assert stats["heads_grad_norm"] == pytest.approx(raw, rel=1e-4)
+    assert grads_of(heads).double().norm().item() == pytest.approx(clip, rel=1e-3)
+
+
+def test_student_non_finite_loss_is_skipped():
+    """A NaN in the batch makes the student's loss NaN: the step is skipped (weights exactly as
+    they were, student_skipped = 1)."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    b.x0[1, 0, 0, 0] = float("nan")
+    before = weights_of(student)
+    _, stats = train_ladd.student_step(student, teacher, heads, sgd(student, lr=0.01), b, settings(1.0))
+    assert not math.isfinite(stats["student_loss"])
+    assert stats["student_skipped"] == 1 and not math.isfinite(stats["student_grad_norm"])
+    assert torch.equal(weights_of(student), before)
+
+
+def test_heads_non_finite_loss_is_skipped():
+    """A NaN in the real batch makes the heads' loss NaN: the step is skipped (heads_skipped = 1,
+    the heads exactly as they were)."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    b.x0[1, 0, 0, 0] = float("nan")
+    before = weights_of(heads)
+    stats = train_ladd.heads_step(teacher, heads, sgd(heads, lr=0.01), b, fake_features, settings(1.0))
+    assert not math.isfinite(stats["heads_loss"])
+    assert stats["heads_skipped"] == 1 and not math.isfinite(stats["heads_grad_norm"])
+    assert torch.equal(weights_of(heads), before)
+
+
+def test_student_zero_grad_gradients_do_not_accumulate():
+    """student_step clears the old gradient first: two calls on the same batch (SGD lr 0) leave
+    the same gradient, not twice it."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    opt = sgd(student)
+    train_ladd.student_step(student, teacher, heads, opt, b, settings())
+    first = grads_of(student).clone()
+    train_ladd.student_step(student, teacher, heads, opt, b, settings())
+    assert torch.allclose(grads_of(student), first, rtol=1e-5, atol=1e-9)
+
+
+def test_heads_zero_grad_gradients_do_not_accumulate():
+    """heads_step clears the old gradient first, as student_step does."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b, settings())
+    opt = sgd(heads)
+    train_ladd.heads_step(teacher, heads, opt, b, fake_features, settings())
+    first = grads_of(heads).clone()
+    train_ladd.heads_step(teacher, heads, opt, b, fake_features, settings())
+    assert torch.allclose(grads_of(heads), first, rtol=1e-5, atol=1e-9)
+
+
+def test_ema_update_moves_by_one_minus_decay():
+    """training.ema_update: ema <- ema + (1 - decay) (model - ema) for each trained parameter; a
+    frozen one (a LoRA student's shared base) is left alone."""
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    w, bias = ema.weight.detach().clone(), ema.bias.detach().clone()
+    training.ema_update(ema, model, 0.75)
+    assert torch.allclose(ema.weight, w + 0.25 * (model.weight - w), rtol=0, atol=1e-7)
+    assert torch.equal(ema.bias, bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop in train(): one tiny run, recorded
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    """A 4-step run of the test preset (--ema 0.6 --ema-warmup 3 --grad-clip 0.5) whose draw_batch,
+    student_step, heads_step and ema_update calls are recorded."""
+    folder = tmp_path_factory.mktemp("loop")
+    teacher = make_checkpoint(str(folder), LADD_SAMPLER)
+    calls = {"draw_batch": [], "student_step": [], "heads_step": [], "ema_update": []}
+
+    def recorded(module, name, after=None):
+        real = getattr(module, name)
+        signature = inspect.signature(real)
+
+        def wrapper(*args, **kwargs):
+            out = real(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            call = {**bound.arguments, "out": out}
+            if after:
+                call.update(after(call))
+            calls[name].append(call)
+            return out
+        return wrapper
+
+    def teacher_state(call):  # right after the step: the teacher as the step left it
+        params = list(call["teacher"].parameters())
+        return {"teacher_frozen": all(not p.requires_grad for p in params),
+                "teacher_grads": [p.grad for p in params if p.grad is not None]}
+
+    def ema_state(call):
+        return {"ema_weights": weights_of(call["ema"]), "model_weights": weights_of(call["model"])}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_ladd, "draw_batch", recorded(train_ladd, "draw_batch"))
+        mp.setattr(train_ladd, "student_step", recorded(train_ladd, "student_step", teacher_state))
+        mp.setattr(train_ladd, "heads_step", recorded(train_ladd, "heads_step", teacher_state))
+        mp.setattr(training, "ema_update", recorded(training, "ema_update", ema_state))
+        train_ladd.main(ladd_argv(teacher, folder / "run", "--steps", "4", "--ema", "0.6",
+                                  "--ema-warmup", "3", "--grad-clip", "0.5"))
+    return calls
+
+
+def test_loop_ema_decay_ramp(loop):
+    """The loop's EMA decay at step s: min(ema, (1 + s) / (ema_warmup + s)), both settings read
+    (with ema 0.6, warmup 3: the ramp 1/3, 1/2, then the cap 0.6)."""
+    decays = [call["decay"] for call in loop["ema_update"]]
+    expected = [min(0.6, (1 + s) / (3 + s)) for s in range(4)]
+    assert decays == pytest.approx(expected) and expected[-2:] == [0.6, 0.6] and expected[0] < 0.6
+
+
+def test_loop_ema_follows_the_trained_student(loop):
+    """Each step the EMA (a separate model) moves towards the student student_step trained, by
+    exactly (1 - decay), after both steps."""
+    assert len(loop["ema_update"]) == len(loop["student_step"]) == 4
+    previous = None
+    for ema_call, step_call in zip(loop["ema_update"], loop["student_step"]):
+        assert ema_call["model"] is step_call["student"] and ema_call["ema"] is not ema_call["model"]
+        if previous is not None:  # the EMA's weights before this update were the last update's
+            expected = previous + (1 - ema_call["decay"]) * (ema_call["model_weights"] - previous)
+            assert torch.allclose(ema_call["ema_weights"], expected, rtol=0, atol=1e-6)
+        previous = ema_call["ema_weights"]
+
+
+def test_loop_heads_step_gets_student_steps_fake_features_and_batch(loop):
+    """Each step draws one batch (steps 0, 1, 2, 3 in order) that both steps use; heads_step gets
+    the very features student_step returned and the heads student_step judged with."""
+    assert [call["step"] for call in loop["draw_batch"]] == [0, 1, 2, 3]
+    for draw, student, heads in zip(loop["draw_batch"], loop["student_step"], loop["heads_step"]):
+        assert student["b"] is draw["out"] and heads["b"] is draw["out"]
+        assert heads["fake_features"] is student["out"][0]
+        assert heads["heads"] is student["heads"] and heads["teacher"] is student["teacher"]
+
+
+def test_loop_teacher_is_frozen(loop):
+    """The run's teacher never trains: requires_grad off, no gradient after either step."""
+    for call in loop["student_step"] + loop["heads_step"]:
+        assert call["teacher_frozen"] and not call["teacher_grads"]
+
+
+def test_loop_settings_grad_clip_reaches_both_steps_and_addons_are_off(loop):
+    """--grad-clip reaches both steps' settings; the default run passes no add-on."""
+    for call in loop["student_step"] + loop["heads_step"]:
+        s = call["s"]
+        assert s.grad_clip == 0.5
+        assert s.pair_weight == 0 and s.distill is None and s.r1_weight == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the draws
+
+
+def tiny_dataset(n=256, seed=0):
+    """What ladd_data.build_dataset returns, in memory: one bucket {(w, h): {name: [shards]}},
+    shards of ladd_data.SHARD rows, 2 x 2 latents (draw_batch reads no model)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = {"latents": torch.randn(n, 4, 2, 2, generator=g),                 # [n, C, h, w]
+            "context": torch.randn(n, 3, CONFIG.context_dim, generator=g),   # [n, L, Dc]
+            "pooled": torch.randn(n, CONFIG.pooled_dim, generator=g),        # [n, Dp]
+            "seed": ladd_data.NOISE_SEED + torch.arange(n)}                  # [n]
+    return {(8, 8): {k: list(torch.split(v, ladd_data.SHARD)) for k, v in rows.items()}}
+
+
+DATASET = tiny_dataset()
+
+
+def draw(step, schedule=(TIMES, PROBS, WARM), **config):
+    cfg = train_ladd.Config(**{"batch_size": 64, **config})
+    return train_ladd.draw_batch(cfg, DATASET, schedule, step, training.World(), torch.device("cpu"))
+
+
+def frequencies(t, times):
+    return torch.tensor([(t == x).float().mean().item() for x in times])
+
+
+def test_student_times_follow_warmup_probs_then_probs():
+    """student_times: steps < warmup draw the times with warmup_probs, from step `warmup` on with
+    probs; frequencies within 0.03 of them (4000 draws, fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+    for step, expected in ((0, WARM), (9, WARM), (10, PROBS), (500, PROBS)):
+        t = train_ladd.student_times(4000, step, TIMES, PROBS, WARM, 10, g)  # [4000]
+        assert set(t.tolist()) <= set(TIMES)
+        error = (frequencies(t, TIMES) - torch.tensor(expected)).abs().max().item()
+        assert error < 0.03, (step, frequencies(t, TIMES))
+
+
+def test_draw_batch_student_times_follow_the_schedule_and_warmup():
+    """draw_batch passes its schedule and cfg.warmup on: with warmup 5, warmup_probs on the last
+    time only and probs on the first only, step 4 draws t = .25 and step 5 t = 1 in every row."""
+    schedule = (TIMES, [1.0, 0, 0, 0], [0, 0, 0, 1.0])
+    assert (draw(4, schedule, warmup=5).t == 0.25).all()
+    assert (draw(5, schedule, warmup=5).t == 1.0).all()
+
+
+def logit_stats(t_hat):
+    u = torch.logit(t_hat.double())
+    return u.mean().item(), u.std().item()
+
+
+def test_t_hat_logit_normal_mean_and_std():
+    """flow.sample_t_logit_normal(n, mean, std): logit(t_hat) ~ N(mean, std^2) (20000 draws: mean
+    and std within 0.03)."""
+    g = torch.Generator().manual_seed(0)
+    mean, std = logit_stats(flow.sample_t_logit_normal(20000, 1.0, 0.5, g))
+    assert mean == pytest.approx(1.0, abs=0.03) and std == pytest.approx(0.5, abs=0.03)
+
+
+def test_draw_batch_t_hat_follows_t_hat_mean_and_std():
+    """draw_batch draws t_hat with the run's t_hat_mean and t_hat_std (16 x 256 draws: mean and
+    std of logit(t_hat) within 0.05)."""
+    t_hat = torch.cat([draw(step, batch_size=256, t_hat_mean=1.0, t_hat_std=0.5).t_hat
+                       for step in range(16)])                               # [4096]
+    mean, std = logit_stats(t_hat)
+    assert mean == pytest.approx(1.0, abs=0.05) and std == pytest.approx(0.5, abs=0.05)
+
+
+def test_draw_batch_is_a_pure_function_of_seed_and_step():
+    """The same (seed, step) draws the same batch, whatever happened in between; another step or
+    another seed draws another (other rows, times, levels, noises)."""
+    fields = ("x0", "context", "pooled", "t", "t_hat", *NOISES, "paired")
+    a = draw(3, seed=7)
+    torch.randn(10)  # the global generator moves: draw_batch must not read it
+    same = draw(3, seed=7)
+    assert all(torch.equal(getattr(a, k), getattr(same, k)) for k in fields)
+    for other in (draw(4, seed=7), draw(3, seed=8)):
+        for k in ("x0", "t_hat", *NOISES):
+            assert not torch.equal(getattr(a, k), getattr(other, k)), k
+
+
+def test_draw_batch_three_noises_eps_eps_fake_eps_real_differ():
+    """A drawn batch's three noises are separate draws: no two are equal in any row."""
+    b = draw(0)
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        x, y = getattr(b, NOISES[i]), getattr(b, NOISES[j])                  # [B, C, h, w]
+        assert ((x - y).flatten(1).abs().amax(1) > 0).all(), (NOISES[i], NOISES[j])
+
+
+def test_draw_batch_no_row_paired_by_default():
+    """With the default settings (pair_weight 0) no row is paired, though the t = 1 rows that the
+    pairs add-on would pair are drawn."""
+    batches = [draw(step, warmup=0) for step in range(4)]
+    assert any((b.t == 1).any() for b in batches)
+    assert not any(b.paired.any() for b in batches)
+
+
+# ----------------------------------------------------------------------------------------------
+# the add-ons stay off by default
+
+
+def test_addons_default_settings_add_no_terms():
+    """A default StepSettings adds no term to either loss (addons.student_terms / heads_terms
+    return [])."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    s = train_ladd.StepSettings()
+    fake = flow.add_noise(b.x0, b.eps_fake, b.t_hat)
+    assert addons.student_terms(teacher, b.x0, fake, b, s) == []
+    assert addons.heads_terms(heads, real_features_of(teacher, heads, b), b, s) == []
+
+
+def test_stats_hold_only_the_plain_keys():
+    """With default settings the steps report only plain LADD's statistics, no add-on's."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    fake_features, stats = train_ladd.student_step(student, teacher, heads, sgd(student), b)
+    assert set(stats) == {"student_loss", "student_grad_norm", "student_skipped"}
+    stats = train_ladd.heads_step(teacher, heads, sgd(heads), b, fake_features)
+    assert set(stats) == {"heads_loss", "heads_grad_norm", "heads_skipped", "logit_real", "logit_fake"}
