@@ -124,7 +124,7 @@ MAY_CHANGE = ("steps", "pair_steps", "max_minutes", "log_every", "grid_every", "
 @dataclass
 class Batch:
     """One step's data and random draws: this rank's rows of the global batch (training.World).
-    Shapes: B rows, C latent channels, a latent grid of h x w."""
+    Shapes: B rows of latents [C, h, w]; the teacher's token maps are [D, h/p, w/p] (patch p)."""
     x0: torch.Tensor                 # [B, C, h, w] the teacher's own samples: the "real" data
     context: torch.Tensor            # [B, L, Dc] their prompts' text tokens
     pooled: torch.Tensor             # [B, Dp] and pooled text vectors
@@ -196,7 +196,7 @@ def student_step(student, teacher, heads, opt, b, s=StepSettings()):
         x0_hat = flow.x0_from_v(x_t, v, b.t)                                      # [B, C, h, w]
         fake = flow.add_noise(x0_hat, b.eps_fake, b.t_hat)                       # [B, C, h, w]
         features = teacher.features(b.input(fake), b.t_hat, b.context, b.pooled,
-                                    heads.blocks)                                 # [B, D, h', w'] each
+                                    heads.blocks)                                 # [B, D, h/p, w/p] each
         logits = heads([f.float() for f in features], b.t_hat, b.pooled)         # [B] each
         loss = hinge_student_loss(logits)
         stats = {"student_loss": loss.item()}
@@ -205,7 +205,7 @@ def student_step(student, teacher, heads, opt, b, s=StepSettings()):
     opt.zero_grad(set_to_none=True)
     loss.backward()                    # heads -> frozen teacher -> x0_hat -> student
     norm = training.clip_grad_norm(student.parameters(), s.grad_clip)
-    if torch.isfinite(norm):           # a NaN or inf loss or gradient skips the step
+    if torch.isfinite(norm):           # a NaN or inf gradient (or loss) skips the step
         opt.step()
     heads.requires_grad_(True)
     stats.update(student_grad_norm=norm.item(), student_skipped=int(not torch.isfinite(norm)))
@@ -220,8 +220,9 @@ def heads_step(teacher, heads, opt, b, fake_features, s=StepSettings()):
     with torch.no_grad(), training.autocast(b.x0.device, s.amp):
         real = flow.add_noise(b.x0, b.eps_real, b.t_hat)                         # [B, C, h, w]
         real_features = teacher.features(b.input(real), b.t_hat, b.context, b.pooled,
-                                         blocks)                                  # [B, D, h', w'] each
-    features = [torch.cat([r.float(), f]) for r, f in zip(real_features, fake_features)]  # [2B, ...]
+                                         blocks)                                  # [B, D, h/p, w/p] each
+    features = [torch.cat([r.float(), f])                                        # [2B, D, h/p, w/p]
+                for r, f in zip(real_features, fake_features)]
     with training.autocast(b.x0.device, s.amp):
         logits = heads(features, b.t_hat.repeat(2), b.pooled.repeat(2, 1))       # [2B] each
         real_logits, fake_logits = [l[:B] for l in logits], [l[B:] for l in logits]
@@ -232,7 +233,7 @@ def heads_step(teacher, heads, opt, b, fake_features, s=StepSettings()):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     norm = training.clip_grad_norm(heads.parameters(), s.grad_clip)
-    if torch.isfinite(norm):           # a NaN or inf loss or gradient skips the step
+    if torch.isfinite(norm):           # a NaN or inf gradient (or loss) skips the step
         opt.step()
     stats.update(heads_grad_norm=norm.item(), heads_skipped=int(not torch.isfinite(norm)),
                  logit_real=torch.stack([l.mean() for l in real_logits]).mean().item(),
