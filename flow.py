@@ -60,7 +60,8 @@ def sample_t_uniform(n, generator, device="cpu"):
 
 def sample_t_logit_normal(n, mean=0.0, std=1.0, generator=None, device="cpu"):
     """t = sigmoid(u), u ~ N(mean, std^2): [n] in (0, 1).
-    SD3 trains with (mean, std) = (0, 1); LADD draws the discriminator's t_hat with (1, 1)."""
+    SD3 trains with (mean, std) = (0, 1); the LADD paper draws the discriminator's t_hat with
+    (1, 1), train_ladd.py's default is (0, 2)."""
     if std < 0:
         raise ValueError(f"logit-normal std must be >= 0, got {std}")
     u = torch.randn(n, generator=generator, device=_gen_device(generator)) * std + mean

@@ -235,7 +235,7 @@ class RunFolder:
         print(f"resumed {self.cfg.out} at step {state['step']}")
         return state["step"], skipped
 
-    def start(self, started_step):
+    def start(self):
         """config.json and the VAE (--overwrite first clears the folder) -> the student's
         pipeline: the EMA with the teacher's text encoder and VAE, sampling at its times."""
         if self.world.main:
@@ -284,6 +284,15 @@ class RunFolder:
             return None
         return training.open_log(os.path.join(self.cfg.out, "log.jsonl"),
                                  keep=lambda record: record["step"] < start)
+
+    @staticmethod
+    def log_step(log, step, stats, skipped, batch, samples_per_s):
+        """One log.jsonl line: the step's statistics (averaged over ranks), skips, size, speed."""
+        if log:
+            log.write(json.dumps({"step": step, **{k: round(v, 5) for k, v in stats.items()},
+                                  "skipped": dict(skipped), "size": list(batch.x0.shape[-2:]),
+                                  "samples_per_s": round(samples_per_s, 2)}) + "\n")
+            log.flush()
 
     def memory_report(self, teacher, amp, device):
         if self.world.main:

@@ -9,13 +9,15 @@ unguided student.
 One step (student_step and heads_step below; the heads are in discriminator.py):
 
   data      x0 = a latent the teacher generated itself (guided, many steps), with its prompt
-  student   t in {1, .75, .5, .25}; x_t = (1 - t) x0 + t eps; x0_hat = x_t - t student(x_t, t)
+  student   t in {1, .75, .5, .25} with p = .7, .1, .1, .1; x_t = (1 - t) x0 + t eps;
+            x0_hat = x_t - t student(x_t, t)
   re-noise  t_hat ~ logit-normal(0, 2); fake = x0_hat noised to t_hat, real = x0 noised to t_hat
             (the same t_hat, separate noises)
-  judge     the frozen teacher runs on fake and on real; a small head per teacher block reads
-            its image tokens and says real (logit > 0) or fake
-  heads     hinge loss: real logits up, fake logits down
-  student   -mean(fake logits), back-propagated through the frozen teacher into the student
+  judge     the frozen teacher runs on fake (with autograd) and on real; a small head per
+            teacher block reads its image tokens and says real (logit > 0) or fake
+  student   loss -(sum over heads of mean(fake logits)), back-propagated through the frozen
+            teacher into the student; one AdamW step
+  heads     then, on the same fake features: hinge loss, real logits up, fake logits down
 
 The student starts as a copy of the teacher, never sees guidance, and samples in 4 steps at the
 times it trained at. That is all of LADD; terms from other methods (DMD's pairs, ADD's
@@ -272,7 +274,7 @@ def train(cfg):
     run = ladd_run.RunFolder(cfg, world, sharded, teacher_pipe, schedule, sizes,
                              student, ema, heads, opt_student, opt_heads)
     start, skipped = run.restore() if cfg.resume else (0, {"student": 0, "heads": 0})
-    student_pipe = run.start(started_step=start)
+    student_pipe = run.start()
     ladd_run.describe(cfg, teacher, student, heads, device, amp, world, sharded)
 
     try:  # generated once, then read from the cache (an interrupted generation continues)
@@ -300,11 +302,7 @@ def train(cfg):
             seen += len(batch.x0) * world.size
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 stats = world.mean(stats)
-                if log:
-                    log.write(json.dumps({"step": step, **{k: round(v, 5) for k, v in stats.items()},
-                                          "skipped": dict(skipped), "size": list(batch.x0.shape[-2:]),
-                                          "samples_per_s": round(seen / (time.time() - t0), 2)}) + "\n")
-                    log.flush()
+                run.log_step(log, step, stats, skipped, batch, seen / (time.time() - t0))
                 bar.set_postfix(heads=f"{stats['heads_loss']:.2f}", student=f"{stats['student_loss']:.2f}",
                                 real=f"{stats['logit_real']:.2f}", fake=f"{stats['logit_fake']:.2f}",
                                 refresh=False)

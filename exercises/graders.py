@@ -376,7 +376,7 @@ def _(m, ref):
         f"{want:.6g}")
     assert not torch.allclose(with_pairs, without), (
         "the student's gradient is the same with and without the pairs: add run.pair_weight * "
-        "pair_loss(...) to the loss that training.update back-propagates")
+        "pair_loss(...) to the loss that student_step back-propagates")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,10 +23,10 @@ def code_lines(source, function):
 
 
 def ladd_box(text):
-    """The algorithm box: the lines from `  data ` to the `  student   -mean` line."""
+    """The algorithm box: the lines from `  data ` to the `  heads ` line."""
     lines = text.split("\n")
     start = next(i for i, line in enumerate(lines) if line.startswith("  data "))
-    end = next(i for i, line in enumerate(lines) if line.startswith("  student   -mean"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("  heads "))
     return lines[start:end + 1]
 
 

@@ -393,7 +393,7 @@ def test_fake_features_are_detached_so_heads_step_leaves_the_student_alone():
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_teacher_calls_one_per_step_fake_features_reused():
+def test_teacher_runs_once_per_player_step_fake_features_reused():
     """The teacher runs once in student_step (on the fake batch) and once in heads_step (on the
     real batch only): heads_step reuses student_step's fake features, never re-computes them."""
     teacher, student, heads = tiny_models()

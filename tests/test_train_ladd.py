@@ -94,7 +94,7 @@ def test_heads_step_updates_the_heads_only(teacher):
 
 def student_gradient(student, teacher_m, disc, b, pair_weight=0.0):
     """student_step's gradient of the student as its optimizer receives it: SGD with lr 0
-    leaves every weight as it was and p.grad as training.update left it (unclipped: no limit)."""
+    leaves every weight as it was and p.grad as student_step left it (unclipped: no limit)."""
     sgd = torch.optim.SGD(student.parameters(), lr=0.0)
     run = train_ladd.StepSettings(grad_clip=float("inf"), pair_weight=pair_weight)
     features, stats = train_ladd.student_step(student, teacher_m, disc, sgd, b, run)
