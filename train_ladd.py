@@ -46,6 +46,7 @@ import training
 from discriminator import Discriminator, hinge_heads_loss, hinge_student_loss
 
 
+# pragma: no mutate start: the settings; mutation testing (docs/developers.md) covers the method
 @dataclass
 class Config:
     # LADD (the paper's method; every default measured on the shapes world, docs/results.md)
@@ -117,6 +118,7 @@ PRESETS = {
 # options a resumed run may change; every other one must equal the run's saved config
 MAY_CHANGE = ("steps", "pair_steps", "max_minutes", "log_every", "grid_every", "ckpt_every", "judge_n",
               "judge_sizes", "memory_report", "data_dir", "device", "compile", "checkpointing")
+# pragma: no mutate end
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +249,7 @@ def heads_step(teacher, heads, opt, b, fake_features, s=StepSettings()):
 # the loop
 
 
-def train(cfg):
+def train(cfg):  # pragma: no mutate block: the harness (tests/test_train_ladd.py)
     started = time.time()
     cfg, schedule = ladd_run.check_config(cfg)
     world, device = training.init_world(cfg.device, cfg.batch_size)  # torchrun: several processes
@@ -331,7 +333,7 @@ def train(cfg):
     return student_pipe
 
 
-def main(argv=None):
+def main(argv=None):  # pragma: no mutate block
     return cli.training_main(Config, PRESETS, train, argv, "train_ladd.py", __doc__,
                              may_change=MAY_CHANGE)
 
