@@ -46,9 +46,8 @@ import training
 from discriminator import Discriminator, hinge_heads_loss, hinge_student_loss
 
 
-# pragma: no mutate start: the settings; mutation testing (docs/developers.md) covers the method
 @dataclass
-class Config:
+class Config:  # pragma: no mutate block (settings, not the method: docs/developers.md)
     # LADD (the paper's method; every default measured on the shapes world, docs/results.md)
     steps: int = 3200                  # student updates, one heads update each
     batch_size: int = 8                # latents per step, all of one size (aspect-ratio bucket)
@@ -116,9 +115,9 @@ PRESETS = {
                  ckpt_every=2, judge_n=4),
 }
 # options a resumed run may change; every other one must equal the run's saved config
-MAY_CHANGE = ("steps", "pair_steps", "max_minutes", "log_every", "grid_every", "ckpt_every", "judge_n",
-              "judge_sizes", "memory_report", "data_dir", "device", "compile", "checkpointing")
-# pragma: no mutate end
+MAY_CHANGE = (
+    "steps", "pair_steps", "max_minutes", "log_every", "grid_every", "ckpt_every", "judge_n",
+    "judge_sizes", "memory_report", "data_dir", "device", "compile", "checkpointing")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +248,7 @@ def heads_step(teacher, heads, opt, b, fake_features, s=StepSettings()):
 # the loop
 
 
-def train(cfg):  # pragma: no mutate block: the harness (tests/test_train_ladd.py)
+def train(cfg):  # pragma: no mutate block (the harness: tests/test_train_ladd.py)
     started = time.time()
     cfg, schedule = ladd_run.check_config(cfg)
     world, device = training.init_world(cfg.device, cfg.batch_size)  # torchrun: several processes
