@@ -94,10 +94,10 @@ CONFIGS = {
     # the built-in shapes world: 4-channel latents of a x4 VAE, a 64-dim text encoder
     "shapes": MMDiTConfig(depth=4, hidden_size=256, num_heads=4, patch_size=2, in_channels=4,
                           out_channels=4, pos_embed_max_size=32, pooled_dim=64,
-                          context_dim=64, qk_norm=True),                # 9.4 M
+                          context_dim=64, qk_norm=True),                # 8.99 M
     "shapes-small": MMDiTConfig(depth=2, hidden_size=256, num_heads=4, patch_size=2, in_channels=4,
                                 out_channels=4, pos_embed_max_size=32, pooled_dim=64,
-                                context_dim=64, qk_norm=True),          # 4.3 M, a smaller student
+                                context_dim=64, qk_norm=True),          # 4.25 M, a smaller student
     # tests: every architecture feature, 0.12 M parameters
     "test": MMDiTConfig(depth=3, hidden_size=32, num_heads=2, patch_size=2, in_channels=4,
                         out_channels=4, pos_embed_max_size=8, pooled_dim=12, context_dim=10,

@@ -737,3 +737,130 @@ def test_stats_hold_only_the_plain_keys():
     assert set(stats) == {"student_loss", "student_grad_norm", "student_skipped"}
     stats = train_ladd.heads_step(teacher, heads, sgd(heads), b, fake_features)
     assert set(stats) == {"heads_loss", "heads_grad_norm", "heads_skipped", "logit_real", "logit_fake"}
+
+
+# ----------------------------------------------------------------------------------------------
+# the heads' equations (discriminator.py's docstring), on an opinionated head
+
+
+def test_head_logit_is_its_five_equations_film_projection_and_t_hat_times_1000():
+    """A head's logit by hand: c from 1000 t_hat and the pooled text; FiLM (1 + scale), shift
+    in each residual block; the spatial mean of logit_out plus <mean h, proj_embed(c)> / sqrt."""
+    from mmdit import timestep_embedding
+    F = torch.nn.functional
+    heads = perturb(Discriminator.for_teacher(CONFIG, [0], hidden=16), 3, 0.3)
+    head = heads.heads["0"]
+    assert heads.config["hidden"] == head.hidden == 16 and len(head.res_blocks) == 2
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, CONFIG.hidden_size, 4, 6, generator=g)                # [B, D, h, w]
+    t_hat, pooled = torch.tensor([0.1, 0.5, 0.9]), torch.randn(3, CONFIG.pooled_dim, generator=g)
+    c = F.silu(head.t_embedder(timestep_embedding(1000 * t_hat)) + head.y_embedder(pooled))
+    h = head.x_in(x)                                                          # [B, hidden, h, w]
+    for block in head.res_blocks:
+        shift, scale = block.film(c)[:, :, None, None].chunk(2, dim=1)       # [B, hidden, 1, 1]
+        h = h + block.conv(F.silu(block.norm(h) * (1 + scale) + shift))
+    h = F.silu(head.norm_out(h))
+    want = head.logit_out(h).mean((1, 2, 3)) + (h.mean((2, 3)) * head.proj_embed(c)).sum(1) / 4
+    assert torch.allclose(heads([x], t_hat, pooled)[0], want, atol=1e-5)
+
+
+def test_r1_is_the_squared_logit_change_under_sigma_noise_from_the_batchs_generator():
+    """addons' R1: sum over heads of mean((D(F + 0.01 eps) - D(F))^2) / 0.01^2 on the real
+    features, eps drawn from the step's generator (so a resumed run draws the same)."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    b.generator = torch.Generator().manual_seed(11)
+    real = real_features_of(teacher, heads, b)
+    s = train_ladd.StepSettings(r1_weight=2.0)
+    [(name, value, weight)] = addons.heads_terms(heads, real, b, s)
+    g = torch.Generator().manual_seed(11)
+    noisy = [f + 0.01 * torch.randn(f.shape, generator=g) for f in real]
+    want = sum(((n - c) ** 2).mean() for n, c in zip(heads(noisy, b.t_hat, b.pooled),
+                                                      heads(real, b.t_hat, b.pooled))) / 1e-4
+    assert name == "r1" and weight == 1.0 and value.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# the add-ons, when switched on, see the step's own tensors
+
+
+def test_addons_pair_loss_reads_the_steps_x0_hat_and_batch():
+    """With pair_weight, the student step adds weight * pair_loss(x0_hat, x0, paired) and reports
+    pair_loss: computed from this step's x0_hat and the batch's paired rows."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    b.paired = torch.tensor([True, False, True])
+    want = addons.pair_loss(x0_hat_by_hand(student, b), b.x0, b.paired).item()
+    _, stats = train_ladd.student_step(student, teacher, heads, sgd(student), b,
+                                       train_ladd.StepSettings(grad_clip=INF, pair_weight=3.0))
+    assert stats["pair_loss"] == pytest.approx(want, rel=1e-5) and want > 0
+
+
+def test_addons_distill_loss_reads_the_steps_fake_and_the_teacher():
+    """With a Distill, the student step reports |x0_hat - the guided teacher's x0 of the fake|^2,
+    the teacher run on this step's fake batch at t_hat."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    uncond = (torch.zeros(1, 5, CONFIG.context_dim), torch.zeros(1, CONFIG.pooled_dim))
+    distill = addons.Distill(1.0, *uncond, cfg=2.0)
+    x0_hat = x0_hat_by_hand(student, b)
+    fake = noised(x0_hat, b.eps_fake, b.t_hat)
+    with torch.no_grad():
+        v = flow.cfg_velocity(teacher, fake, b.t_hat, b.context, b.pooled,
+                              uncond[0].expand(3, -1, -1), uncond[1].expand(3, -1), 2.0)
+    want = ((x0_hat - flow.x0_from_v(fake, v, b.t_hat)) ** 2).mean().item()
+    _, stats = train_ladd.student_step(student, teacher, heads, sgd(student), b,
+                                       train_ladd.StepSettings(grad_clip=INF, distill=distill))
+    assert stats["distill_loss"] == pytest.approx(want, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# the batch draw: its size, its generator, the pairs' steps, the inpainting channels
+
+
+def test_draw_batch_batch_size_rows_for_the_student_times_and_t_hat():
+    """draw_batch draws cfg.batch_size rows, and one t and one t_hat per row (batch 3: fewer rows
+    than latent channels, so the row count cannot be confused with them)."""
+    b = draw(0, batch_size=3)
+    assert b.x0.shape[0] == b.t.shape[0] == b.t_hat.shape[0] == b.paired.shape[0] == 3
+    assert b.paired.dtype == torch.bool
+
+
+def test_draw_batch_carries_the_steps_generator_for_draws_inside_the_step():
+    """Batch.generator is the step's generator, after the batch's draws: two draws of one step
+    hand the steps the same generator state, and it is not the global one."""
+    a, b = draw(2), draw(2)
+    assert a.generator is not None and torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert not torch.equal(a.generator.get_state(), draw(3).generator.get_state())
+
+
+def test_draw_batch_pairs_only_before_pair_steps_and_every_step_at_pair_steps_0():
+    """The pairs add-on: with pair_steps 5, steps 0-4 may pair rows and step 5 on does not; with
+    pair_steps 0 every step may."""
+    def paired(step, pair_steps):
+        return draw(step, warmup=0, pair_weight=1.0, pair_share=1.0, pair_steps=pair_steps).paired
+    assert paired(4, 5).any() and not paired(5, 5).any()
+    assert paired(5, 0).any() and paired(50, 0).any()
+
+
+def test_draw_batch_known_channels_come_with_their_rows_and_reach_the_models_input():
+    """An inpainting dataset's extra channels (mask and known latent) are drawn with their rows
+    as Batch.known, and Batch.input appends them to what the models read."""
+    rows = {k: torch.cat(v) for k, v in DATASET[(8, 8)].items()}
+    rows["extra"] = torch.randn(len(rows["latents"]), 5, 2, 2)               # [n, 1 + C, h, w]
+    dataset = {(8, 8): {k: list(torch.split(v, ladd_data.SHARD)) for k, v in rows.items()}}
+    cfg = train_ladd.Config(batch_size=8)
+    b = train_ladd.draw_batch(cfg, dataset, (TIMES, PROBS, WARM), 0, training.World(),
+                              torch.device("cpu"))
+    index = [int((rows["latents"] == x).flatten(1).all(1).nonzero()) for x in b.x0]
+    assert torch.equal(b.known, rows["extra"][index])
+    assert torch.equal(b.input(b.x0), torch.cat([b.x0, b.known], dim=1))
+
+
+def test_t_hat_logit_normal_default_is_sd3s_0_1_and_std_0_is_a_constant():
+    """flow.sample_t_logit_normal's defaults are SD3's training density logit-normal(0, 1); std 0
+    is allowed and gives sigmoid(mean) every time."""
+    mean, std = logit_stats(flow.sample_t_logit_normal(20000, generator=torch.Generator().manual_seed(1)))
+    assert mean == pytest.approx(0.0, abs=0.03) and std == pytest.approx(1.0, abs=0.03)
+    t = flow.sample_t_logit_normal(5, 0.5, 0.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(t, torch.sigmoid(torch.tensor(0.5)).expand(5))
