@@ -135,9 +135,9 @@ def real_features_of(teacher, heads, b):
         return teacher.features(real, b.t_hat, b.context, b.pooled, heads.blocks)
 
 
-def x0_hat_by_hand(student, b):
+def x0_hat_by_hand(student, b, grad=False):
     """The student's x0_hat of the batch, by hand: x_t = x0 noised to t with eps, x_t - t v."""
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         x_t = noised(b.x0, b.eps, b.t)                                       # [B, C, h, w]
         v = student(x_t, b.t, b.context, b.pooled)                           # [B, C, h, w]
         return x_t - b.t.view(-1, 1, 1, 1) * v
@@ -784,16 +784,34 @@ def test_r1_is_the_squared_logit_change_under_sigma_noise_from_the_batchs_genera
 # the add-ons, when switched on, see the step's own tensors
 
 
-def test_addons_pair_loss_reads_the_steps_x0_hat_and_batch():
-    """With pair_weight, the student step adds weight * pair_loss(x0_hat, x0, paired) and reports
-    pair_loss: computed from this step's x0_hat and the batch's paired rows."""
+def test_addons_pair_loss_is_the_paired_rows_squared_error_over_the_whole_batch():
+    """With pair_weight, the student step reports pair_loss: the mean squared error of this step's
+    x0_hat against x0 on the paired rows, summed and divided by the batch size (by hand)."""
     teacher, student, heads = tiny_models()
     b = tiny_batch()
     b.paired = torch.tensor([True, False, True])
-    want = addons.pair_loss(x0_hat_by_hand(student, b), b.x0, b.paired).item()
+    error = ((x0_hat_by_hand(student, b) - b.x0) ** 2).mean(dim=(1, 2, 3))  # [B]
+    want = ((error[0] + error[2]) / 3).item()
     _, stats = train_ladd.student_step(student, teacher, heads, sgd(student), b,
                                        train_ladd.StepSettings(grad_clip=INF, pair_weight=3.0))
     assert stats["pair_loss"] == pytest.approx(want, rel=1e-5) and want > 0
+
+
+def test_addons_enter_the_student_loss_as_plus_weight_times_their_value():
+    """The student's gradient with pairs of weight 3 is the plain LADD gradient plus 3 times the
+    gradient of the pair loss (by hand, through the student's x0_hat)."""
+    def gradient(pair_weight):
+        teacher, student, heads = tiny_models()
+        b = tiny_batch()
+        b.paired = torch.tensor([True, False, True])
+        train_ladd.student_step(student, teacher, heads, sgd(student), b,
+                                train_ladd.StepSettings(grad_clip=INF, pair_weight=pair_weight))
+        return grads_of(student)
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    error = ((x0_hat_by_hand(student, b, grad=True) - b.x0) ** 2).mean(dim=(1, 2, 3))  # [B]
+    ((error[0] + error[2]) / 3).backward()
+    assert torch.allclose(gradient(3.0) - gradient(0.0), 3 * grads_of(student), atol=1e-5)
 
 
 def test_addons_distill_loss_reads_the_steps_fake_and_the_teacher():
@@ -864,3 +882,60 @@ def test_t_hat_logit_normal_default_is_sd3s_0_1_and_std_0_is_a_constant():
     assert mean == pytest.approx(0.0, abs=0.03) and std == pytest.approx(1.0, abs=0.03)
     t = flow.sample_t_logit_normal(5, 0.5, 0.0, torch.Generator().manual_seed(0))
     assert torch.allclose(t, torch.sigmoid(torch.tensor(0.5)).expand(5))
+
+
+def test_optimizer_lr_betas_and_no_weight_decay_are_what_the_run_asks():
+    """training.make_optimizer: torch's AdamW (fp32 moments) with the lr and betas given and no
+    weight decay, or with bf16 moments the project's AdamW with the same settings."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    opt = training.make_optimizer(params, 1e-5, (0.0, 0.99), torch.device("cpu"))
+    assert type(opt) is torch.optim.AdamW
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-5, (0.0, 0.99), 0.0)
+    half = training.make_optimizer(params, 2e-5, (0.9, 0.99), torch.device("cpu"), "bf16")
+    assert type(half) is training.AdamW and half.param_groups[0]["state_dtype"] == "bf16"
+    assert (half.param_groups[0]["lr"], half.param_groups[0]["betas"]) == (2e-5, (0.9, 0.99))
+
+
+def test_addons_r1_in_heads_step_reads_the_heads_real_features_and_the_steps_generator():
+    """With r1_weight, heads_step reports R1 of its own heads on the real rows' features, with
+    eps from the batch's generator (by hand), and adds r1_weight / 2 of it to the heads' loss."""
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b)
+    real = real_features_of(teacher, heads, b)
+    g = torch.Generator().manual_seed(5)
+    noisy = [f + 0.01 * torch.randn(f.shape, generator=g) for f in real]
+    want = sum(((n - c) ** 2).mean() for n, c in zip(heads(noisy, b.t_hat, b.pooled),
+                                                      heads(real, b.t_hat, b.pooled))) / 1e-4
+    b.generator = torch.Generator().manual_seed(5)
+    stats = train_ladd.heads_step(teacher, heads, sgd(heads), b, fake_features,
+                                  train_ladd.StepSettings(grad_clip=INF, r1_weight=2.0))
+    assert stats["r1"] == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_pairs_draw_only_t_1_rows_a_share_of_them_from_the_steps_generator():
+    """addons.draw_pairs: only rows at t = 1 are paired; share 1 pairs all of them, share 0.5
+    some; the draw comes from the given generator (the same generator state, the same rows)."""
+    t = torch.tensor([1.0, 0.5, 1.0, 0.25] * 16)                            # [64]
+    seeds = torch.arange(64)
+
+    def pairs(share, seed):
+        return addons.draw_pairs(t, torch.zeros(64, 4, 2, 2), seeds, share,
+                                 torch.Generator().manual_seed(seed))
+    assert torch.equal(pairs(1.0, 0), t == 1)
+    half = pairs(0.5, 0)
+    assert not half[t != 1].any() and 0 < half.sum() < (t == 1).sum()
+    torch.randn(3)  # the global generator moves: the pairs must not read it
+    assert torch.equal(pairs(0.5, 0), half) and not torch.equal(pairs(0.5, 1), half)
+
+
+def test_autocast_bf16_casts_matmuls_and_fp32_leaves_them():
+    """training.autocast(device, amp): bf16 autocast on that device (a name or a torch.device);
+    fp32 means no autocast."""
+    a = torch.randn(4, 4)
+    for device in ("cpu", torch.device("cpu")):
+        with training.autocast(device, torch.bfloat16):
+            assert (a @ a).dtype == torch.bfloat16
+        with training.autocast(device, torch.float32):
+            assert (a @ a).dtype == torch.float32

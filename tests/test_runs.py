@@ -383,3 +383,19 @@ def test_approx_r1_draws_its_noise_on_the_generators_device(monkeypatch):
     on_meta = discriminator.approx_r1(disc.to("meta"), [f.to("meta") for f in feats_cpu],
                                       t_hat.to("meta"), pooled.to("meta"), generator=g)
     assert on_meta.device.type == "meta"
+
+
+def test_overwrite_removes_the_old_runs_grids_and_samples_pictures_only(tmp_path):
+    """training.start_run with --overwrite removes the pictures a run writes (grid*.png,
+    samples*.png) and its outputs, and keeps every other file."""
+    import dataclasses
+    import training
+
+    @dataclasses.dataclass
+    class Run:
+        out: str
+        overwrite: bool = True
+    for name in ("grid_000200.png", "samples_x.png", "log.jsonl", "notes.png", "keep.txt"):
+        (tmp_path / name).write_text("x")
+    training.start_run(Run(str(tmp_path)))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "keep.txt", "notes.png"]
