@@ -939,3 +939,75 @@ def test_autocast_bf16_casts_matmuls_and_fp32_leaves_them():
             assert (a @ a).dtype == torch.bfloat16
         with training.autocast(device, torch.float32):
             assert (a @ a).dtype == torch.float32
+
+
+def test_addons_enter_the_heads_loss_as_plus_weight_times_their_value():
+    """The heads' gradient with R1 of weight 2 is the plain hinge gradient plus 2 / 2 times the
+    gradient of R1 (the same noise: the batch's generator)."""
+    def gradient(r1_weight):
+        teacher, student, heads = tiny_models()
+        b = tiny_batch()
+        fake_features, _ = train_ladd.student_step(student, teacher, heads, sgd(student), b)
+        b.generator = torch.Generator().manual_seed(5)
+        train_ladd.heads_step(teacher, heads, sgd(heads), b, fake_features,
+                              train_ladd.StepSettings(grad_clip=INF, r1_weight=r1_weight))
+        return grads_of(heads)
+    teacher, student, heads = tiny_models()
+    b = tiny_batch()
+    b.generator = torch.Generator().manual_seed(5)
+    [(_, r1, _)] = addons.heads_terms(heads, real_features_of(teacher, heads, b), b,
+                                      train_ladd.StepSettings(r1_weight=1.0))
+    r1.backward()
+    assert torch.allclose(gradient(2.0) - gradient(0.0), grads_of(heads), atol=1e-4)
+
+
+def test_optimizer_with_bf16_moments_steps_like_torchs_adamw():
+    """training.AdamW (the --optim-dtype bf16 optimizer) with fp32 moments makes torch's AdamW
+    update (same eps, no weight decay); with bf16 moments it stores them in bf16."""
+    g = torch.Generator().manual_seed(0)
+    start, grads = torch.randn(6, generator=g), [torch.randn(6, generator=g) for _ in range(3)]
+
+    def run(make):
+        p = torch.nn.Parameter(start.clone())
+        opt = make([p])
+        for grad in grads:
+            p.grad = grad.clone()
+            opt.step()
+        return p.detach(), opt
+    ours, _ = run(lambda ps: training.AdamW(ps, lr=0.1, betas=(0.9, 0.99), state_dtype="fp32"))
+    torchs, _ = run(lambda ps: torch.optim.AdamW(ps, lr=0.1, betas=(0.9, 0.99), weight_decay=0.0))
+    assert torch.allclose(ours, torchs, atol=1e-6)
+    _, half = run(lambda ps: training.AdamW(ps, lr=0.1, betas=(0.9, 0.99)))
+    state = next(iter(half.state.values()))
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_draw_batch_pairs_come_from_the_steps_generator():
+    """With the pairs on, which rows are paired is part of step k's draw: the same whatever the
+    global generator did in between (so a resumed run pairs the same rows)."""
+    def paired():
+        torch.randn(7)  # the global generator moves
+        return draw(3, warmup=0, pair_weight=1.0, pair_share=0.5).paired
+    a = paired()
+    assert a.any() and torch.equal(a, paired())
+
+
+def test_addons_distill_loss_of_an_inpainting_teacher_reads_the_known_channels():
+    """ADD's distillation loss with an inpainting teacher: the guided teacher denoises the fake
+    batch with the batch's known channels appended (by hand), as in the step itself."""
+    import dataclasses
+    config = dataclasses.replace(CONFIG, in_channels=2 * CONFIG.out_channels + 1)  # x | mask | z0
+    teacher = perturb(mmdit.MMDiT(config), 0, 0.05).requires_grad_(False)
+    b = tiny_batch()
+    b.known = torch.randn(3, CONFIG.out_channels + 1, 8, 12, generator=torch.Generator().manual_seed(2))
+    uncond = (torch.zeros(1, 5, CONFIG.context_dim), torch.zeros(1, CONFIG.pooled_dim))
+    x0_hat = b.x0 + 0.1                                                      # [B, C, h, w]
+    fake = noised(x0_hat, b.eps_fake, b.t_hat)
+    got = addons.distillation_loss(teacher, x0_hat, fake, b, addons.Distill(1.0, *uncond, cfg=2.0))
+    with torch.no_grad():
+        x = torch.cat([fake, b.known], dim=1)
+        cond = teacher(x, b.t_hat, b.context, b.pooled)
+        free = teacher(x, b.t_hat, uncond[0].expand(3, -1, -1), uncond[1].expand(3, -1))
+        v = free + 2.0 * (cond - free)
+    want = ((x0_hat - (fake - b.t_hat.view(-1, 1, 1, 1) * v)) ** 2).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
