@@ -219,7 +219,7 @@ class RunFolder:
         self.student, self.ema, self.heads = student, ema, heads
         self.opt_student, self.opt_heads = opt_student, opt_heads
         self.state_path = os.path.join(cfg.out, "state.safetensors")
-        self.grid_cache = {}
+        self.grid_cache, self.log = {}, None
 
     def restore(self):
         """Load the saved state -> (step, skipped steps). cli.resolve_config checked it is there."""
@@ -276,23 +276,28 @@ class RunFolder:
             self.save(step, skipped)
 
     def open_log(self, start, device):
-        """log.jsonl on rank 0 (None elsewhere), without the records past the resumed step; and
-        the CUDA peak-memory counter reset, so --memory-report measures the loop."""
+        """log.jsonl on rank 0, without the records past the resumed step; and the CUDA
+        peak-memory counter reset, so --memory-report measures the loop."""
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        if not self.world.main:
-            return None
-        return training.open_log(os.path.join(self.cfg.out, "log.jsonl"),
-                                 keep=lambda record: record["step"] < start)
+        if self.world.main:
+            self.log = training.open_log(os.path.join(self.cfg.out, "log.jsonl"),
+                                         keep=lambda record: record["step"] < start)
 
-    @staticmethod
-    def log_step(log, step, stats, skipped, batch, samples_per_s):
+    def write_log(self, record):
+        if self.log:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+
+    def log_step(self, step, stats, skipped, batch, samples_per_s):
         """One log.jsonl line: the step's statistics (averaged over ranks), skips, size, speed."""
-        if log:
-            log.write(json.dumps({"step": step, **{k: round(v, 5) for k, v in stats.items()},
-                                  "skipped": dict(skipped), "size": list(batch.x0.shape[-2:]),
-                                  "samples_per_s": round(samples_per_s, 2)}) + "\n")
-            log.flush()
+        self.write_log({"step": step, **{k: round(v, 5) for k, v in stats.items()},
+                        "skipped": dict(skipped), "size": list(batch.x0.shape[-2:]),
+                        "samples_per_s": round(samples_per_s, 2)})
+
+    def close_log(self):
+        if self.log:
+            self.log.close()
 
     def memory_report(self, teacher, amp, device):
         if self.world.main:
@@ -307,7 +312,7 @@ class RunFolder:
             comparison_grid(self.teacher_pipe, student_pipe, prompts,
                             self.world.main and os.path.join(self.cfg.out, name), self.grid_cache)
 
-    def judge(self, student_pipe, judge_sizes, step, log):
+    def judge(self, student_pipe, judge_sizes, step):
         """The shapes world's judge of the student at its steps, and (text-to-image) at 2 and 1
         steps -> the checkpoint metadata's entries; printed, and a log.jsonl record."""
         cfg, n = self.cfg, len(self.schedule[0])
@@ -331,8 +336,7 @@ class RunFolder:
                       f"{fewer[k]['all_correct']}, purity {fewer[k]['purity']}")
             record["judge_fewer_steps"] = fewer
             extra["judge_fewer_steps"] = json.dumps(fewer)
-        if log:
-            log.write(json.dumps(record) + "\n")
+        self.write_log(record)
         return extra
 
 

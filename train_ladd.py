@@ -285,7 +285,7 @@ def train(cfg):  # pragma: no mutate block (the harness: tests/test_train_ladd.p
         raise training.interrupted("train_ladd.py", cfg.out, start) from None
     data_minutes = (time.time() - started) / 60
     grid = ladd_run.grid_prompts(cfg, take, teacher_pipe)
-    log = run.open_log(start, device)
+    run.open_log(start, device)
     t0, seen, step = time.time(), 0, start
     bar = tqdm(range(start, cfg.steps), desc="ladd", initial=start, total=cfg.steps,
                dynamic_ncols=True, disable=not world.main)
@@ -303,7 +303,7 @@ def train(cfg):  # pragma: no mutate block (the harness: tests/test_train_ladd.p
             seen += len(batch.x0) * world.size
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 stats = world.mean(stats)
-                run.log_step(log, step, stats, skipped, batch, seen / (time.time() - t0))
+                run.log_step(step, stats, skipped, batch, seen / (time.time() - t0))
                 bar.set_postfix(heads=f"{stats['heads_loss']:.2f}", student=f"{stats['student_loss']:.2f}",
                                 real=f"{stats['logit_real']:.2f}", fake=f"{stats['logit_fake']:.2f}",
                                 refresh=False)
@@ -322,9 +322,8 @@ def train(cfg):  # pragma: no mutate block (the harness: tests/test_train_ladd.p
     extra = {"data_minutes": f"{data_minutes:.1f}", "train_minutes": f"{(time.time() - t0) / 60:.1f}",
              "skipped_steps": json.dumps(skipped)}
     run.grid(student_pipe, grid, "grid.png")
-    extra.update(run.judge(student_pipe, judge_sizes, step, log))  # the shapes world's judge
-    if log:
-        log.close()
+    extra.update(run.judge(student_pipe, judge_sizes, step))  # the shapes world's judge
+    run.close_log()
     run.save(step, skipped, **extra)
     print(f"student: {cfg.out}/model.safetensors (grid: {cfg.out}/grid.png; skipped steps: "
           f"{skipped}); {(time.time() - started) / 60:.1f} min in all, {data_minutes:.1f} of them "
