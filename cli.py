@@ -14,6 +14,7 @@ ValueError / OSError raised while the script runs, end as one line `error: ...` 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -21,10 +22,14 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 
 import torch
+
+import weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 USER_ERRORS = (ValueError, OSError, NotImplementedError)  # reported as one line, no traceback
@@ -78,11 +83,8 @@ def _field_help(cls):
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.M))
 
 
-def parse_config(cls, argv, prog, doc, choices=None, item_types=None, given_only=False):
-    """argv -> an instance of the config dataclass `cls`: one --option per field, the field's
-    comment as its help; list fields repeat (items of type item_types[name], default str).
-    given_only: return only the options given, as a dict (a training script puts its preset,
-    or a resumed run's saved config, under them: `resolve_config`)."""
+def build_parser(cls, prog, doc, choices=None, item_types=None, given_only=False):
+    """The argparse parser of the config dataclass `cls` (parse_config's)."""
     parser = Parser(prog=prog, description=" ".join(doc.split("\n\n")[0].split()),
                     allow_abbrev=False)
     helps, choices, item_types = _field_help(cls), choices or {}, item_types or {}
@@ -99,6 +101,15 @@ def parse_config(cls, argv, prog, doc, choices=None, item_types=None, given_only
             kw.update(type=f.type, choices=choices.get(f.name), required=required and not given_only,
                       default=None if given_only or required else f.default)
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return parser
+
+
+def parse_config(cls, argv, prog, doc, choices=None, item_types=None, given_only=False):
+    """argv -> an instance of the config dataclass `cls`: one --option per field, the field's
+    comment as its help; list fields repeat (items of type item_types[name], default str).
+    given_only: return only the options given, as a dict (a training script puts its preset,
+    or a resumed run's saved config, under them: `resolve_config`)."""
+    parser = build_parser(cls, prog, doc, choices, item_types, given_only)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = unknown[0].split("=")[0]
@@ -137,8 +148,9 @@ def resolve_config(cls, presets, given, script, may_change=(), resume_needs=("st
         saved = ("it stopped before saving a state; start it again with --overwrite"
                  if "config.json" not in missing else f"pass a run folder made by {script}")
         raise ValueError(f"--resume {out}: no {' or '.join(missing)} there ({saved})")
-    with open(os.path.join(out, "config.json")) as f:
-        saved = {**(older_runs or {}), **json.load(f)}
+    saved = {**(older_runs or {}), **saved_config(out)}
+    check_maker(cls, saved, out, script)
+    check_steps_ahead(given, saved, out)
     fixed = {k: v for k, v in given.items() if k not in (*may_change, "resume", "out")}
     differ = [f"--{k.replace('_', '-')} {v} (the run's: {saved.get(k)})"
               for k, v in fixed.items() if saved.get(k) != v]
@@ -147,6 +159,63 @@ def resolve_config(cls, presets, given, script, may_change=(), resume_needs=("st
                          f"a resumed run keeps its settings, except "
                          f"{', '.join('--' + k.replace('_', '-') for k in may_change)}")
     return cls(**{**saved, **given, "out": out, "overwrite": False})
+
+
+def saved_config(out):
+    """A run folder's config.json -> its options (a dict), or a one-line error naming the file."""
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--resume {out}: {path} is not readable JSON ({e}); start the run "
+                         f"again with --overwrite --out {out}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume {out}: {path} holds a JSON {type(saved).__name__}, not the "
+                         f"run's options; start the run again with --overwrite --out {out}")
+    return saved
+
+
+def run_maker(out):
+    """The script that made the run in `out` (from its model's metadata), or None."""
+    try:
+        command = weights.load_metadata(os.path.join(out, "model.safetensors")).get("command", "")
+    except (OSError, ValueError):
+        return None
+    words = command.split()
+    return os.path.basename(words[1]) if words[:1] == ["python"] and len(words) > 1 else None
+
+
+def check_maker(cls, saved, out, script):
+    """A saved config with options `cls` does not have is another script's run: say whose."""
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(cls)})
+    if not unknown:
+        return
+    maker = run_maker(out)
+    if maker and maker != script:
+        raise ValueError(f"--resume {out}: a run folder made by {maker}, not {script}; continue "
+                         f"it with: python {maker} --resume {out}")
+    raise ValueError(f"--resume {out}: its config.json has options {script} does not know "
+                     f"({', '.join(unknown[:4])}); pass a run folder made by {script}")
+
+
+def saved_step(out):
+    """The step a run's state.safetensors was saved at (read from its header), or None."""
+    path = os.path.join(out, "state.safetensors")
+    try:
+        return json.loads(weights.load_metadata(path)["tree"])["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_steps_ahead(given, saved, out):
+    """A resumed run continues forwards: --steps below the steps already done is an error."""
+    done = saved_step(out)
+    steps = given.get("steps", saved.get("steps"))
+    if done is not None and steps is not None and steps < done:
+        raise ValueError(f"--steps {steps}: the run in {out} is already at step {done}; resume "
+                         f"with --steps {done} or more (the default: its own --steps "
+                         f"{saved.get('steps')})")
 
 
 def held_run_files(folder):
@@ -163,6 +232,7 @@ COUNT = (lambda v: v >= 0, "an integer >= 0")
 AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
 DECAY = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 SHARE = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+SEED = (lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)")
 
 
 def check_options(cfg, rules):
@@ -186,10 +256,29 @@ def training_main(cls, presets, train, argv, prog, doc, **resume_rules):
     """A training script's main: the options given, over the --preset's (or, with --resume, the
     run's saved config), over the defaults of `cls` -> train(config). resume_rules: may_change,
     resume_needs (resolve_config)."""
+    def run(given):
+        with terminate_as_interrupt():  # SIGTERM (schedulers, `timeout`) saves like Ctrl-C
+            return train(resolve_config(cls, presets, given, prog, **resume_rules))
     return run_cli(lambda a: parse_config(cls, a, prog, doc, {"preset": tuple(presets)},
-                                          given_only=True),
-                   lambda given: train(resolve_config(cls, presets, given, prog, **resume_rules)),
-                   argv)
+                                          given_only=True), run, argv)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Within: SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so a training run stopped by a
+    scheduler or `timeout` saves its state (training.finish_step_on_interrupt takes both signals
+    over inside the loop). The previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main one
+        yield
+        return
+
+    def handle(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def read_prompts(items, option="--prompt"):

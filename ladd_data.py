@@ -123,7 +123,7 @@ def build_dataset(cfg, pipe, describe, take, sizes, world=training.World()):
     processes each generates its share of the missing shards; then every rank reads them all."""
     settings = data_settings(cfg, pipe, describe, sizes)
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    per_size = max(1, cfg.data_size // len(sizes))
+    per_size = bucket_size(cfg.data_size, sizes)
     names = [(f"{w}x{h}_{start // SHARD:04d}.safetensors", (w, h),
               list(range(k * per_size + start, k * per_size + min(start + SHARD, per_size))))
              for k, (w, h) in enumerate(sizes) for start in range(0, per_size, SHARD)]
@@ -151,6 +151,11 @@ def build_dataset(cfg, pipe, describe, take, sizes, world=training.World()):
     print(f"data: {per_size * len(sizes)} {cfg.data} latents in {folder} "
           f"({made} generated now, {per_size * len(sizes) - made} from the cache)")
     return dataset
+
+
+def bucket_size(data_size, sizes):
+    """Latents in each size bucket of a dataset of `data_size` split evenly over `sizes`."""
+    return max(1, data_size // len(sizes))
 
 
 def _write_shard(cfg, pipe, take, index, w, h, path, settings):

@@ -18,6 +18,7 @@ import cli
 import flow
 import images
 import inpainting
+import ladd_data
 import lora
 import metrics
 import mmdit
@@ -34,7 +35,7 @@ OPTION_RULES = {  # cli.check_options: each numeric option and what it allows
     "grad_clip": cli.POSITIVE, "t_hat_mean": cli.FINITE, "distill_weight": cli.NON_NEGATIVE,
     "r1_weight": cli.NON_NEGATIVE, "max_minutes": cli.NON_NEGATIVE, "ema": cli.DECAY,
     "lora": cli.COUNT, "lora_alpha": cli.NON_NEGATIVE, "pair_weight": cli.NON_NEGATIVE,
-    "pair_share": cli.SHARE, "pair_steps": cli.COUNT}
+    "pair_share": cli.SHARE, "pair_steps": cli.COUNT, "seed": cli.SEED}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,6 +74,8 @@ def check_config(cfg):
             raise ValueError(f"{text}: want {len(times)} finite weights >= 0, one per --times value")
         if sum(p) <= 0:
             raise ValueError(f"{text}: the weights sum to 0; make at least one positive")
+    for option in ("out", "data_dir"):  # last: it makes (and removes again) a file in each
+        cli.check_out_folder(getattr(cfg, option), "--" + option.replace("_", "-"))
     if not cfg.teacher:  # the shipped shapes teacher of the task
         cfg = dataclasses.replace(cfg, teacher=os.path.join("assets", training.SHIPPED[cfg.task]))
     return cfg, (times, probs, warm)
@@ -96,7 +99,19 @@ def check_sizes(cfg, pipe):
                 raise ValueError(f"{option} {text}: {e}") from None
         return sizes
     judge = parse("judge_sizes")
-    return parse("data_sizes") or pipe.sizes, judge
+    sizes = parse("data_sizes") or pipe.sizes
+    check_batch(cfg, sizes)
+    return sizes, judge
+
+
+def check_batch(cfg, sizes):
+    """A batch is distinct rows of one size bucket: --batch-size may not exceed a bucket."""
+    bucket = ladd_data.bucket_size(cfg.data_size, sizes)
+    if cfg.batch_size > bucket:
+        raise ValueError(f"--batch-size {cfg.batch_size}: each size bucket holds {bucket} latents "
+                         f"(--data-size {cfg.data_size} over {len(sizes)} sizes) and a batch is "
+                         f"drawn from one bucket; pass --batch-size {bucket} or less, or "
+                         f"--data-size {cfg.batch_size * len(sizes)} or more")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class Config:
     out: str = "runs/teacher"          # run folder: checkpoints, log.jsonl, sample grids
     resume: str = ""                   # a run folder to continue (its saved settings)
     overwrite: bool = False            # start again in an --out that holds a run (replaces it)
-    preset: str = "default"            # default | quick (a few CPU minutes) | test (seconds)
+    preset: str = "default"            # default | quick | inpaint | test (PRESETS below)
     seed: int = 0                      # data, noise and init all derive from it
     device: str = "auto"               # auto: cuda, then mps, then cpu
     dtype: str = "auto"                # autocast dtype: auto = bf16 on CUDA, fp32 elsewhere
@@ -56,8 +56,8 @@ class Config:
     vae: str = ""                      # use this VAE file instead of training one (skips phase 1)
     vae_config: str = "shapes"         # vae.CONFIGS name (x4, 4 latent channels)
     vae_steps: int = 3000              # VAE training steps
-    vae_batch: int = 128
-    vae_lr: float = 1e-3
+    vae_batch: int = 128               # rendered images per VAE step
+    vae_lr: float = 1e-3               # VAE Adam, 100 warm-up steps, x0.1 for the last 20 %
     kl_weight: float = 1e-6            # small: the latent is rescaled afterwards anyway
     vae_max_minutes: float = 0.0       # stop the VAE phase after this wall time (0: no limit)
     # phase 2: teacher
@@ -65,23 +65,23 @@ class Config:
     init: str = ""                     # start from this teacher's weights (inpaint: a t2i one)
     model_config: str = "shapes"       # mmdit.CONFIGS name
     steps: int = 7000                  # teacher training steps
-    batch_size: int = 256
+    batch_size: int = 256              # images per teacher step, all of one size (aspect bucket)
     lr: float = 6e-4                   # AdamW, linear warm-up then constant
-    warmup: int = 500
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    warmup: int = 500                  # linear LR warm-up steps; EMA = weights until then
+    weight_decay: float = 0.0          # AdamW's decoupled weight decay
+    grad_clip: float = 1.0             # clip the gradient to this norm
     ema: float = 0.999                 # EMA decay of the saved weights
     caption_dropout: float = 0.1       # share of "" captions (unconditional, for CFG)
     t_mean: float = 0.0                # logit-normal(t_mean, t_std) training times (SD3's)
-    t_std: float = 1.0
+    t_std: float = 1.0                 # ... their spread
     max_minutes: float = 0.0           # stop the teacher phase after this wall time (0: no limit)
     compile: bool = False              # torch.compile the teacher's blocks
     # sampling defaults stored in the checkpoint (what sample.py uses)
-    sample_steps: int = 28
-    sample_cfg: float = 4.0
-    sample_shift: float = 1.0
+    sample_steps: int = 28             # Euler steps
+    sample_cfg: float = 4.0            # classifier-free guidance scale
+    sample_shift: float = 1.0          # timestep shift of the sampling schedule (1: none)
     # bookkeeping
-    log_every: int = 50
+    log_every: int = 50                # a log.jsonl line every this many steps
     sample_every: int = 2000           # preview grid (EMA weights, default sampler)
     ckpt_every: int = 1000             # resumable training state
     judge_n: int = 256                 # captions judged at the end (0: skip)
@@ -93,7 +93,8 @@ MAY_CHANGE = ("steps", "max_minutes", "log_every", "sample_every", "ckpt_every",
               "export", "workers", "device", "compile")
 
 PRESETS = {
-    "default": {},
+    "default": {},  # the recipe of the shipped weights (a GPU)
+    # a teacher on the shipped VAE in a few minutes on a laptop CPU
     "quick": dict(vae="assets/shapes_vae.safetensors", steps=900, batch_size=32, lr=1e-3,
                   warmup=100, ema=0.99, sample_every=300, ckpt_every=300, judge_n=64,
                   log_every=25),
@@ -102,6 +103,7 @@ PRESETS = {
                     vae="assets/shapes_vae.safetensors", steps=600, batch_size=32, lr=2e-4,
                     warmup=50, ema=0.99, sample_every=0, ckpt_every=200, judge_n=128,
                     log_every=25),
+    # seconds: the tests' tiny VAE and teacher
     "test": dict(vae_config="test", vae_steps=3, vae_batch=4, model_config="test", steps=4,
                  batch_size=4, warmup=1, sample_every=0, ckpt_every=2, judge_n=4, log_every=1,
                  sample_steps=2),
@@ -262,7 +264,7 @@ OPTION_RULES = {  # cli.check_options: each numeric option and what it allows
     "t_std": cli.POSITIVE, "max_minutes": cli.NON_NEGATIVE, "sample_steps": cli.AT_LEAST_1,
     "sample_cfg": cli.NON_NEGATIVE, "sample_shift": cli.POSITIVE, "log_every": cli.AT_LEAST_1,
     "sample_every": cli.COUNT, "ckpt_every": cli.COUNT, "judge_n": cli.COUNT,
-    "workers": (lambda v: v >= -1, "an integer >= 0, or -1 (auto)")}
+    "workers": (lambda v: v >= -1, "an integer >= 0, or -1 (auto)"), "seed": cli.SEED}
 
 
 def check_config(cfg):
@@ -277,6 +279,9 @@ def check_config(cfg):
         path = getattr(cfg, name)
         if path and not cfg.resume and not os.path.isfile(path):
             raise ValueError(f"--{name} {path}: no such file (the shipped ones are in assets/)")
+    for name in ("out", "export"):  # last: it makes (and removes again) a file in each
+        if getattr(cfg, name):
+            cli.check_out_folder(getattr(cfg, name), f"--{name}")
 
 
 def teacher_config(cfg, vae_config):

@@ -151,7 +151,7 @@ def init_world(device_name, batch_size):
 def step_generator(seed, step, device="cpu"):
     """Every random draw of training step `step` comes from this generator, seeded by
     (seed, step): a resumed run draws exactly what an uninterrupted one would."""
-    return torch.Generator(device).manual_seed(flow.derive_seed(seed, step))
+    return torch.Generator(device).manual_seed(flow.derive_seed(seed, step) % 2 ** 63)  # any --seed
 
 
 def autocast(device, amp):
@@ -269,16 +269,31 @@ RUN_OUTPUTS = ("config.json", "log.jsonl", "state.safetensors", "model.safetenso
 
 
 def start_run(cfg):
-    """Before a run writes into cfg.out: with --overwrite, remove what an earlier run wrote there
-    (weights, state, log, pictures; other files stay); then save the run's config.json.
+    """Before a run writes into cfg.out: remove the .tmp-* files of a save killed midway; with
+    --overwrite, remove what an earlier run wrote there (weights, state, log, pictures; other
+    files stay); then save the run's config.json.
     (cli.resolve_config has already refused a folder holding a run without --overwrite.)"""
     os.makedirs(cfg.out, exist_ok=True)
+    remove_stale_temporaries(cfg.out)
     if cfg.overwrite:
         for name in os.listdir(cfg.out):
             if name in RUN_OUTPUTS or name.endswith(".png") and name.startswith(("grid", "samples")):
                 os.remove(os.path.join(cfg.out, name))
     weights.atomic_write(os.path.join(cfg.out, "config.json"),
                          lambda f: f.write(json.dumps(asdict(cfg), indent=1).encode()))
+
+
+def remove_stale_temporaries(folder):
+    """Remove the hidden .tmp-* files that a save killed midway (SIGKILL, power loss) left in a
+    run folder (weights.atomic_write makes them beside its target); nothing else is touched."""
+    stale = [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(".tmp-")]
+    stale = [p for p in stale if os.path.isfile(p) and not os.path.islink(p)]
+    if stale:
+        size = sum(os.path.getsize(p) for p in stale)
+        for path in stale:
+            os.remove(path)
+        print(f"removed {len(stale)} unfinished .tmp-* file(s) of an interrupted save from "
+              f"{folder} ({size / 2 ** 20:.1f} MB)")
 
 
 def open_log(path, keep=lambda record: True):
@@ -291,26 +306,32 @@ def open_log(path, keep=lambda record: True):
     return open(path, "a")
 
 
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # schedulers, `timeout`
+
+
 @contextlib.contextmanager
 def finish_step_on_interrupt():
-    """Within: the first Ctrl-C only sets `.requested`, so the training loop finishes its step
-    and saves an exact, resumable state; a second Ctrl-C stops at once (KeyboardInterrupt)."""
+    """Within: the first Ctrl-C (or SIGTERM) only sets `.requested`, so the training loop
+    finishes its step and saves an exact, resumable state; a second one stops at once
+    (KeyboardInterrupt)."""
     flag = type("Interrupt", (), {"requested": False})()
 
     def handle(signum, frame):
         if flag.requested:
             raise KeyboardInterrupt
         flag.requested = True
-        print("\nCtrl-C: finishing this step, then saving (Ctrl-C again to stop at once)",
+        name = STOP_SIGNALS[signum]
+        print(f"\n{name}: finishing this step, then saving ({name} again to stop at once)",
               file=sys.stderr)
     if threading.current_thread() is not threading.main_thread():  # signals reach the main one
         yield flag
         return
-    previous = signal.signal(signal.SIGINT, handle)
+    previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def interrupted(script, out, step):

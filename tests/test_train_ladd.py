@@ -498,8 +498,9 @@ def test_the_seed_moves_data_heads_and_draws_and_repeats_exactly(teacher, tmp_pa
 
 def test_data_at_other_sizes_than_the_teachers(teacher, tmp_path, capsys):
     out = tmp_path / "run"
-    train_ladd.main(argv(teacher, out, "--steps", "2", "--data-size", "6", "--judge-n", "3",
-                         "--data-sizes", "16x16,32x16,16x24", "--data-dir", str(tmp_path / "data")))
+    train_ladd.main(argv(teacher, out, "--steps", "2", "--data-size", "6", "--batch-size", "2",
+                         "--judge-n", "3", "--data-sizes", "16x16,32x16,16x24",
+                         "--data-dir", str(tmp_path / "data")))  # two latents a size
     meta = weights.load_metadata(str(out / "model.safetensors"))
     assert json.loads(meta["sizes"]) == [[16, 16], [32, 16], [16, 24]]  # the student's buckets
     settings = [json.load(open(f)) for f in glob.glob(str(tmp_path / "data" / "*" / "settings.json"))]
