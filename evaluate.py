@@ -46,6 +46,7 @@ class EvalConfig:
     seed: int = 1234                 # draws the captions; image i of size k starts from noise seed + 1000k + i
     sizes: str = None                # e.g. 64x64,96x48 (width x height), or unseen; None: the ckpt's
     out: str = "eval"                # folder for results.json, results.md and grid.png
+    overwrite: bool = False          # replace other scripts' outputs in --out (its own results are always replaced)
     device: str = "auto"             # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"              # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
     quiet: bool = False              # no progress bars and no table on stdout
@@ -56,6 +57,7 @@ OVERRIDES = ("steps", "cfg", "sampler", "shift")
 SCORES = ("background", "colors", "shapes", "relation", "all_correct", "purity")
 TIMING = ("images_per_second", "seconds_per_image")  # the only numbers that change between runs
 GRID_CAPTIONS = 8
+MAX_N = 10000  # --n: every image is held for the Fréchet distance (~1 GB at 64x64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,20 +123,31 @@ def run(c):
     sizes = metrics.parse_sizes(c.sizes) if c.sizes else None
     if c.n < 2:
         raise ValueError(f"--n {c.n}: need at least 2 captions (the Fréchet distance needs 2 images)")
+    if c.n > MAX_N:
+        raise ValueError(f"--n {c.n}: at most {MAX_N} captions a row (each image is held for the "
+                         f"Fréchet distance; 256 measure a model to a few hundredths)")
     if c.seed < 0:
         raise ValueError(f"--seed {c.seed}: must be an integer >= 0 (it draws the captions)")
+    pipeline.check_seed(c.seed, 10 ** 6 + c.n * 10)  # the images' and references' seeds
     if os.path.exists(c.out) and not os.path.isdir(c.out):
         raise ValueError(f"--out {c.out} is a file; pass a folder for the results")
     cli.check_out_folder(c.out)
     device = cli.pick_device(c.device)
     dtype = cli.pick_dtype(c.dtype, device)
     rows, grid, labels, pipe, pipe_ckpt = [], [], [], None, None
-    for ckpt, overrides in rows_in:
+    for i, (ckpt, overrides) in enumerate(rows_in):
         if ckpt != pipe_ckpt:  # the same checkpoint in consecutive rows loads once
             pipe, pipe_ckpt = pipeline.load_pipeline(ckpt, device, dtype), ckpt
+        if i == 0:  # after loading: tests/test_docs.py runs up to it
+            earlier = images.check_out(c.out, c.overwrite, replaces=("results.json", "results.md",
+                                                                     "grid.png"))
         for w, h in sizes or pipe.sizes:
             pipeline.check_size(pipe, w, h)
         settings = pipeline.sampling_settings(pipe, **overrides)
+        if not c.quiet:
+            print(f"row {i + 1} of {len(rows_in)}, {row_name(ckpt, settings)}: {c.n} captions at "
+                  f"{len(sizes or pipe.sizes)} size(s), {c.n * metrics.nfe_per_image(settings)} "
+                  "network evaluations")
         scores, samples = metrics.evaluate_pipeline(pipe, c.n, c.seed, sizes, progress=not c.quiet,
                                                     **overrides)
         rows.append({"name": row_name(ckpt, settings), "ckpt": ckpt, "steps": settings["steps"],
@@ -143,6 +156,7 @@ def run(c):
         grid.append(samples[:GRID_CAPTIONS])
         labels.append(f"{len(rows) - 1}: " + row_name(os.path.basename(os.path.normpath(ckpt)), settings))
 
+    images.clear_out(c.out, earlier, c.quiet)
     resolved = {**dataclasses.asdict(c), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     table = markdown_table(rows)
     write = lambda name, text: weights.atomic_write(os.path.join(c.out, name),  # noqa: E731

@@ -1,9 +1,12 @@
 """
 Images: tensors in [-1, 1] (NCHW, RGB) <-> PNG files through Pillow, masks, and labelled grids.
-Every file is written atomically (a temporary file, then a rename).
+Every file is written atomically (a temporary file, then a rename), and an output folder never
+mixes two runs' files (`check_out`, `clear_out`).
 """
 
 import math
+import os
+import re
 
 import numpy as np
 import torch
@@ -85,7 +88,9 @@ def save_strip(rows, path, labels=None, pad=2):
 
 
 def load_mask(path):
-    """A mask image (any mode) -> [1, H, W] in {0, 1}: 1 where its grey value is >= 128."""
+    """A mask image (any mode) -> [1, H, W] in {0, 1}: 1 where its grey value is >= 128. A mask
+    that selects nothing is an error (inpainting would return the input unchanged), and so is
+    one of 0s and 1s (an array saved as it is), which would select nothing."""
     try:
         with Image.open(path) as im:
             grey = np.asarray(im.convert("L"))                         # [H, W] uint8
@@ -94,4 +99,56 @@ def load_mask(path):
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read it as a mask image ({e}); pass a PNG, white = "
                          "repaint") from None
+    if grey.max(initial=0) == 1:
+        raise ValueError(f"{path}: the mask's values are 0 and 1, not 0 and 255 (white = repaint), "
+                         "so it selects nothing; save it scaled: Image.fromarray(mask.astype("
+                         "'uint8') * 255)")
+    if grey.max(initial=0) < 128:
+        raise ValueError(f"{path}: the mask selects nothing: no pixel is >= 128 (white = repaint; "
+                         f"its brightest is {grey.max(initial=0)}); paint white what should change")
     return torch.from_numpy(grey >= 128).float()[None]                 # [1, H, W]
+
+
+# ----------------------------------------------------------------------------------------------
+# output folders: one run's files, never mixed with another's
+
+
+# the files each image-writing script puts in its --out, by name
+OUTPUTS = {"sample.py": r"\d{3}\.png|grid\.png|trajectory\.png|prompts\.txt|config\.json",
+           "inpaint.py": r"out\.png|\d{3}\.png|strip\.png|config\.json|edits\.json",
+           "evaluate.py": r"results\.json|results\.md|grid\.png"}
+RUN_FILES = ("log.jsonl", "state.safetensors", "model.safetensors")  # a training run's folder
+
+
+def earlier_outputs(folder):
+    """The files in `folder` that sample.py, inpaint.py or evaluate.py write (by their names)."""
+    if not os.path.isdir(folder):
+        return []
+    pattern = re.compile("|".join(OUTPUTS.values()))
+    return sorted(n for n in os.listdir(folder)
+                  if pattern.fullmatch(n) and os.path.isfile(os.path.join(folder, n)))
+
+
+def check_out(folder, overwrite=False, replaces=(), option="--out"):
+    """Refuse an output folder whose earlier files would mix with this run's: always a training
+    run's folder; earlier images and results unless `overwrite` (which replaces them: clear_out
+    them once the new outputs are made). replaces: the names this run always rewrites, all of
+    them (evaluate's), which are no mix. -> the earlier files to clear."""
+    run = [n for n in RUN_FILES if os.path.isfile(os.path.join(folder, n))]
+    if run:
+        raise ValueError(f"{option} {folder} holds a training run ({', '.join(run)}); pass another "
+                         f"--out for the images")
+    earlier = [n for n in earlier_outputs(folder) if n not in replaces]
+    if earlier and not overwrite:
+        shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+        raise ValueError(f"{option} {folder} holds earlier outputs ({shown}) that would mix with "
+                         f"this run's; pass a new {option}, or --overwrite to replace them")
+    return earlier
+
+
+def clear_out(folder, names, quiet=False):
+    """Remove the earlier outputs check_out found (--overwrite), and say so."""
+    for name in names:
+        os.remove(os.path.join(folder, name))
+    if names and not quiet:
+        print(f"--overwrite: removed {len(names)} earlier file(s) from {folder}/")

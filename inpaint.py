@@ -8,7 +8,8 @@ few-step student), or with an inpainting model that reads the mask and the known
 
 Writes out.png (the first result; with several prompts also 000.png, 001.png, ...), strip.png
 (input | mask | output, a row per prompt) and the resolved config.json into --out. --eval N
-instead judges N shapes-world edits with a known answer and writes edits.json.
+instead judges N shapes-world edits with a known answer and writes edits.json. A folder holding
+earlier outputs is refused (--overwrite replaces them), and so are outputs that are not finite.
 The method (and how an inpainting model reads the mask) is in inpainting.py.
 """
 
@@ -39,6 +40,7 @@ class InpaintConfig:
     resample: int = 0                # RePaint passes per step: re-noise to the step's start, redo
     feather: int = 0                 # soft mask edge outside the repainted area, latent pixels
     out: str = "inpaint"             # folder for out.png, strip.png, config.json
+    overwrite: bool = False          # replace the earlier outputs in --out (else such a folder is refused)
     device: str = "auto"             # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"              # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
     quiet: bool = False              # no progress bar and no messages
@@ -46,6 +48,7 @@ class InpaintConfig:
 
 
 CHOICES = {"sampler": flow.SAMPLERS, "dtype": ("auto", *cli.DTYPES)}
+MAX_EDITS = 10000  # --eval: more takes days on a CPU and says no more than 10000
 
 
 def parse_args(argv=None):
@@ -60,8 +63,12 @@ def check_options(c):
                        ("eval", "edits to judge; 0: inpaint --image")):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name} {getattr(c, name)}: must be an integer >= 0 ({what})")
+    if c.eval > MAX_EDITS:
+        raise ValueError(f"--eval {c.eval}: at most {MAX_EDITS} edits (256 measure a model to a "
+                         f"few hundredths; {MAX_EDITS} already take hours on a CPU)")
     if c.eval and c.seed < 0:
         raise ValueError(f"--seed {c.seed}: must be an integer >= 0 with --eval (it draws the edits)")
+    pipeline.check_seed(c.seed, max(1, c.eval, len(c.prompt)))
 
 
 def check_model(c, pipe):
@@ -86,10 +93,15 @@ def run_eval(c):
     if not pipeline.is_shapes(pipe):
         raise ValueError(f"--eval needs a shapes-world checkpoint; {c.ckpt} is not one")
     check_model(c, pipe)
+    earlier = images.check_out(c.out, c.overwrite, replaces=("edits.json",))
+    settings = pipeline.sampling_settings(pipe, c.steps, c.cfg, None, c.sampler)
+    if not c.quiet:
+        nfe = metrics.nfe_per_image(settings) * (1 + c.resample)
+        print(f"judging {c.eval} edits: {c.eval * nfe} network evaluations ({nfe} an edit)")
     scores = metrics.judge_edits(pipe, c.eval, c.seed, progress=not c.quiet, steps=c.steps,
                                  cfg=c.cfg, sampler=c.sampler, resample=c.resample,
                                  feather=c.feather)
-    settings = pipeline.sampling_settings(pipe, c.steps, c.cfg, None, c.sampler)
+    images.clear_out(c.out, earlier, c.quiet)
     resolved = {**dataclasses.asdict(c), **settings, "scores": scores}
     resolved.pop("sigmas", None)
     os.makedirs(c.out, exist_ok=True)
@@ -106,7 +118,7 @@ def run(c):
         return run_eval(c)
     if not c.image or not c.mask:
         raise ValueError("pass --image IN.png and --mask MASK.png (white = repaint), or --eval N")
-    prompts = cli.read_prompts(c.prompt)
+    prompts = pipeline.read_prompts(c.prompt)
     if not prompts:
         raise ValueError('no prompts: pass --prompt "what the repainted image shows"')
     if os.path.exists(c.out) and not os.path.isdir(c.out):
@@ -121,9 +133,13 @@ def run(c):
     pipe = pipeline.load_pipeline(c.ckpt, device, dtype)
     pipeline.check_size(pipe, image.shape[2], image.shape[1])
     check_model(c, pipe)
+    earlier = images.check_out(c.out, c.overwrite)  # after loading: tests/test_docs.py runs up to it
     results = inpainting.inpaint(pipe, image, mask, prompts, steps=c.steps, cfg=c.cfg,
                                  sampler=c.sampler, seed=c.seed, resample=c.resample,
                                  feather=c.feather, progress=not c.quiet)
+    s = pipeline.sampling_settings(pipe, c.steps, c.cfg, None, c.sampler)
+    pipeline.check_finite_output(results, s["cfg"], dtype)
+    images.clear_out(c.out, earlier, c.quiet)
 
     paths = [os.path.join(c.out, "out.png")]
     images.save_png(results[0], paths[0])
@@ -134,7 +150,6 @@ def run(c):
     shown = mask.expand(3, -1, -1) * 2 - 1                             # [3, H, W]: white = repaint
     paths.append(os.path.join(c.out, "strip.png"))
     images.save_strip([[image, shown, im] for im in results], paths[-1])
-    s = pipeline.sampling_settings(pipe, c.steps, c.cfg, None, c.sampler)
     resolved = {**dataclasses.asdict(c), **s, "width": image.shape[2], "height": image.shape[1],
                 "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     paths.append(os.path.join(c.out, "config.json"))

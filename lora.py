@@ -17,13 +17,18 @@ off (a switch would be invisible to gradient checkpointing, which re-runs blocks
     lora.save_adapters(student, "adapters.safetensors")    # the adapters alone, settings in metadata
     model = lora.merge_file(base_model, "adapters.safetensors")   # sampling: merged into a base
 
+An adapter file records the fingerprint of the base it was trained on (and of that base with the
+adapters merged), so merging refuses another base, and a model that already has them merged.
+
 Which layers: the joint blocks' attention (`attn`: qkv and the output projection of both
 streams, the common choice for SD3 LoRAs), optionally their MLPs (`mlp`) and adaLN modulations
 (`mod`).
 """
 
+import hashlib
 import json
 import math
+import sys
 from dataclasses import asdict
 
 import torch
@@ -83,12 +88,25 @@ def _targets(model, targets):
     return found
 
 
+def check_rank(rank, config, targets="attn"):
+    """A rank from 1 to the narrowest adapted layer's width (B A has no higher rank), checked
+    from the config alone, before any adapter is made."""
+    if rank < 1:
+        raise ValueError(f"--lora {rank}: the rank must be >= 1 (0 trains every weight)")
+    with torch.device("meta"):
+        layers = [getattr(parent, attr) for parent, attr, _ in _targets(mmdit.MMDiT(config), targets)]
+    widest = min((min(m.in_features, m.out_features) for m in layers), default=rank)
+    if rank > widest:
+        raise ValueError(f"--lora {rank}: the rank can be at most {widest}, the width of the "
+                         f"narrowest adapted layer ({targets} of a hidden size "
+                         f"{config.hidden_size}); a larger rank adds nothing but memory")
+
+
 def add_adapters(teacher, rank, alpha=None, targets="attn"):
     """A LoRA student over the teacher's own tensors: an MMDiT of the teacher's config whose
     parameters and buffers ARE the teacher's (frozen), with adapters (trainable, fp32) on the
     target layers. Draws A from torch's global generator (seed it first). alpha None: = rank."""
-    if rank < 1:
-        raise ValueError(f"--lora {rank}: the rank must be >= 1 (0 trains every weight)")
+    check_rank(rank, teacher.config, targets)
     with torch.device("meta"):
         student = mmdit.MMDiT(teacher.config)
     student.load_state_dict(teacher.state_dict(), assign=True)   # shares, copies nothing
@@ -138,20 +156,48 @@ def load_adapter_state(model, state, source="adapters"):
             mine[k].copy_(v)
 
 
+def _merged_weight(m):
+    return (m.weight.float() + m.delta()).to(m.weight.dtype)
+
+
 def merged_state(model):
     """A plain MMDiT state dict (the SD3 keys): each adapted weight W + (alpha / r) B A, in
     W's dtype; every other tensor as it is."""
     state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     for name, m in layers(model):
-        state[f"{name}.weight"] = (m.weight.float() + m.delta()).to(m.weight.dtype)
+        state[f"{name}.weight"] = _merged_weight(m)
     return state
+
+
+FINGERPRINT_VALUES = 64  # values read from each tensor
+
+
+def fingerprint(model, merged=False):
+    """A cheap, deterministic fingerprint of a model's base weights (adapters left out; merged:
+    the base with its adapters merged, one weight at a time): sha256 over each tensor's name,
+    shape and FINGERPRINT_VALUES evenly spaced values, rounded to bf16 so that the same weights
+    held in fp32 or bf16, on any device, give the same digest (fp16 rounds differently)."""
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    adapted = {f"{name}.weight": m for name, m in layers(model)} if merged else {}
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = (_merged_weight(adapted[name]) if name in adapted else state[name]).detach()
+        n = t.numel()
+        k = min(n, FINGERPRINT_VALUES)
+        index = torch.arange(k) * (n - 1) // max(k - 1, 1)        # first and last included
+        values = t.reshape(-1)[index.to(t.device)].cpu()
+        if values.is_floating_point():
+            values = values.to(torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}{list(t.shape)}".encode() + values.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def save_adapters(model, path, metadata=None):
     """The adapters alone as safetensors; rank, alpha, targets and the base's architecture in
     the metadata (plus any extra string metadata, e.g. the student's sampling defaults)."""
     meta = {"kind": "lora", "lora": json.dumps(model.lora),
-            "base_config": json.dumps(asdict(model.config)), **(metadata or {})}
+            "base_config": json.dumps(asdict(model.config)), **(metadata or {}),
+            "base_fingerprint": fingerprint(model), "merged_fingerprint": fingerprint(model, True)}
     weights.save_file(adapter_state(model), path, meta)
 
 
@@ -168,13 +214,41 @@ def read_adapters(path, config):
     if differ:
         raise ValueError(f"{path}: adapters for another architecture: {', '.join(differ)}; pass "
                          "the base checkpoint they were trained on")
-    return weights.load_file(path), json.loads(meta["lora"]), meta
+    tensors = weights.load_file(path)
+    weights.check_finite(tensors, path)
+    return tensors, json.loads(meta["lora"]), meta
 
 
-def merge_file(model, path):
-    """Merge an adapter file into a plain MMDiT in place (W += (alpha / r) B A) for sampling;
-    -> the file's metadata."""
+def _saved_together(model_meta, meta):
+    """Whether a checkpoint and an adapter file were written by the same save of one run."""
+    keys = ("command", "train_config", "train_steps")
+    return "train_config" in meta and all(model_meta.get(k) == meta.get(k) for k in keys)
+
+
+def check_base(model, path, meta, ckpt="this checkpoint", base=None):
+    """The adapters of `path` (its metadata `meta`) fit `model`: the fingerprint of the base
+    they were trained on, not another base, nor one that has them merged already. base: the
+    model to fingerprint, when `model` is held in another dtype (fp16) than its file's."""
+    want, merged = meta.get("base_fingerprint"), meta.get("merged_fingerprint")
+    if want is None:
+        print(f"warning: {path}: an older adapter file, without the fingerprint of its base; "
+              f"cannot check that {ckpt} is the model it was trained on", file=sys.stderr)
+        return
+    got = fingerprint(base if base is not None else model)
+    trained_on = meta.get("teacher", "the checkpoint they were trained on")
+    if got == merged and (merged != want or _saved_together(getattr(model, "metadata", {}), meta)):
+        raise ValueError(f"{ckpt} already has the adapters of {path} merged in; pass --ckpt {ckpt} "
+                         f"alone, or its base: --ckpt {trained_on} --lora {path}")
+    if got != want:
+        raise ValueError(f"{path}: adapters trained on another base (fingerprint {want}; {ckpt}'s "
+                         f"is {got}); pass the base they were trained on: --ckpt {trained_on}")
+
+
+def merge_file(model, path, ckpt="this checkpoint", base=None):
+    """Merge an adapter file into a plain MMDiT in place (W += (alpha / r) B A) for sampling,
+    after check_base; -> the file's metadata."""
     tensors, settings, meta = read_adapters(path, model.config)
+    check_base(model, path, meta, ckpt, base)
     names = [name for _, _, name in _targets(model, settings["targets"])]
     if set(tensors) != {f"{n}.lora_{k}" for n in names for k in "AB"}:
         raise ValueError(f"{path}: its tensors do not match its settings {settings}")

@@ -75,6 +75,7 @@ def evaluate_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **over
     scores at each size ("per_size": {"WxH": scores}); images in caption order. Reference images
     for fd: the same captions rendered with layout seeds seed + 10^6 + j."""
     sizes = [tuple(s) for s in (sizes or pipe.sizes)]
+    settings = pipeline.sampling_settings(pipe, **overrides)
     rng = np.random.default_rng(seed)
     captions = [shapes.random_caption(rng) for _ in range(n)]
     images, references, totals, seconds, per_size = [None] * n, [None] * n, {}, 0.0, {}
@@ -87,6 +88,7 @@ def evaluate_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **over
         generated = pipeline.generate(pipe, part, w, h, seed=seed + 1000 * k, batch_size=64,
                                       progress=progress, **overrides)
         seconds += time.perf_counter() - t0
+        pipeline.check_finite_output(generated, settings["cfg"], pipe.dtype)
         rendered = shapes.render_batch(part, w, h, seed=seed + 10 ** 6 + k * n)
         judged = shapes.judge_batch(generated, part)
         per_size[f"{w}x{h}"] = {key: round(value, 4) for key, value in judged.items()}
@@ -96,7 +98,7 @@ def evaluate_pipeline(pipe, n=256, seed=1234, sizes=None, progress=False, **over
             images[j], references[j] = generated[i], rendered[i]
     scores = {k: round(v / n, 4) for k, v in totals.items()}
     scores["fd"] = round(frechet_distance(features(images), features(references)), 4) if n >= 2 else None
-    scores["nfe"] = nfe_per_image(pipeline.sampling_settings(pipe, **overrides))
+    scores["nfe"] = nfe_per_image(settings)
     scores["images_per_second"] = round(n / seconds, 4)
     scores["seconds_per_image"] = round(seconds / n, 4)
     scores["per_size"] = per_size
@@ -153,6 +155,7 @@ def judge_edits(pipe, n=256, seed=0, progress=False, batch_size=64, **settings):
             masks = torch.stack([e[1] for e in edits])                          # [b, 1, H, W]
             outs = inpainting.inpaint(pipe, images, masks, [e[2] for e in edits], seed=seed + index[0],
                            **settings)                                           # [b, 3, H, W]
+            pipeline.check_finite_output(outs, settings.get("cfg"), pipe.dtype)
             for (image, mask, caption), out in zip(edits, outs):
                 scores = shapes.judge(out, caption)
                 keep = mask.expand(3, -1, -1) == 0

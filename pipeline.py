@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+import cli
 import flow
 import lora
 import shapes
@@ -162,18 +163,57 @@ def text_encoder_spec(pipe):
     return {**spec, "file": spec.get("file", path)}
 
 
+def _check_model_file(path):
+    """A file of this project that holds no model (a run's training state, LoRA adapters) is
+    named as what it is, with the file to pass instead."""
+    if not os.path.isfile(path):
+        return
+    kind = weights.load_metadata(path).get("kind")
+    folder = os.path.dirname(path) or "."
+    if kind == "training_state":
+        raise ValueError(f"{path} is a training state file (what --resume reads), not a model; "
+                         f"pass the run folder {folder} or its model.safetensors")
+    if kind == "lora":
+        raise ValueError(f"{path} is a LoRA adapter file, not a model; pass the run folder "
+                         f"{folder} (the adapters merged) or --ckpt BASE --lora {path}")
+
+
+def adapter_file(adapters):
+    """--lora: an adapter file, or a LoRA run folder (its adapters.safetensors)."""
+    adapters = os.fspath(adapters)
+    return os.path.join(adapters, "adapters.safetensors") if os.path.isdir(adapters) else adapters
+
+
+def _check_adapter_file(adapters):
+    if os.path.isfile(adapter_file(adapters)):
+        return
+    if os.path.isdir(adapters):
+        raise FileNotFoundError(f"--lora {adapters}: no adapters.safetensors in this folder; pass a "
+                                "train_ladd.py --lora run folder or an adapter file")
+    raise FileNotFoundError(f"--lora {adapters}: no such file; pass LoRA adapters (a train_ladd.py "
+                            "--lora run folder, or its adapters.safetensors)")
+
+
 def load_pipeline(ckpt, device="cpu", dtype=torch.float32, adapters=None):
     """Everything needed to sample from one checkpoint (see the module docstring for the
     metadata it reads). Model and VAE are in eval mode with requires_grad False. adapters: a LoRA
-    adapter file (train_ladd.py --lora) merged into the checkpoint's weights; its sampling
-    defaults (a student's) replace the checkpoint's."""
+    adapter file or run folder (train_ladd.py --lora) merged into the checkpoint's weights (which
+    must be the base they were trained on); its sampling defaults (a student's) replace the
+    checkpoint's. A tensor that is not finite, in any file read, is an error naming it."""
     path = _checkpoint_file(ckpt)
+    _check_model_file(path)
+    if adapters:
+        _check_adapter_file(adapters)
     model = MMDiT.from_pretrained(path, device, dtype)  # one-line error for a wrong or missing file
+    weights.check_finite(model.state_dict(), path)
     meta = model.metadata
     if adapters:
-        sampler = lora.merge_file(model, adapters).get("sampler")
+        base = MMDiT.from_pretrained(path) if dtype == torch.float16 else None  # fingerprints: fp32/bf16
+        sampler = lora.merge_file(model, adapter_file(adapters), os.fspath(ckpt), base).get("sampler")
         meta = {**meta, **({"sampler": sampler} if sampler else {})}
-    vae = VAE.from_pretrained(_vae_file(path, meta), device, dtype)
+    vae_path = _vae_file(path, meta)
+    vae = VAE.from_pretrained(vae_path, device, dtype)
+    weights.check_finite(vae.state_dict(), vae_path)
     text_encoder = _text_encoder(path, meta, model).to(device)
     defaults = {**DEFAULTS, **_meta_json(meta, "sampler", path, {})}
     if "times" in defaults:  # a few-step student: its training times are its schedule
@@ -213,6 +253,7 @@ def load_cond(path):
     if "context" not in t or "pooled" not in t:
         raise ValueError(f"{path}: a --cond file needs tensors 'context' [N, L, Dc] and 'pooled' "
                          f"[N, Dp]; it has {sorted(t) or 'none'}")
+    weights.check_finite(t, path)
     context, pooled = t["context"].float(), t["pooled"].float()
     uc = t.get("uncond_context", torch.zeros_like(context[:1])).float()
     up = t.get("uncond_pooled", torch.zeros_like(pooled[:1])).float()
@@ -231,6 +272,39 @@ def is_student(ckpt):
     if not os.path.isfile(path):  # a diffusers folder (no "sampler"); a missing file fails at loading
         return False
     return "times" in _meta_json(weights.load_metadata(path), "sampler", path, {})
+
+
+def read_prompts(items, option="--prompt"):
+    """cli.read_prompts, without the byte-order mark some editors put at a file's start."""
+    prompts = (p.removeprefix("\ufeff").strip() for p in cli.read_prompts(items, option))
+    return [p for p in prompts if p]
+
+
+SEEDS = 2 ** 63  # seeds are 0 ... 2**63 - 1: torch's generators take them modulo 2**63
+
+
+def check_seed(seed, count=1, option="--seed"):
+    """A seed for `count` images (seed, seed + 1, ...), each below 2**63, or a one-line error."""
+    if not 0 <= seed or seed + count > SEEDS:
+        raise ValueError(f"{option} {seed}: must be an integer from 0 to 2**63 - {count} "
+                         f"({count} image(s) take the seeds from it on); e.g. {option} 0")
+
+
+def check_finite_output(images, cfg=None, dtype=None):
+    """Sampled images (or latents) must be finite: a NaN or inf would be saved as a black image.
+    The error names the likely cause."""
+    if torch.isfinite(images).all():
+        return
+    if cfg is not None and abs(cfg) > 100:
+        cause = (f"the guidance scale --cfg {cfg}, far above the usual 1 to 10: the guided "
+                 "velocity overflows; pass a smaller --cfg")
+    elif dtype == torch.float16:
+        cause = "--dtype fp16, whose range the model overflows; pass --dtype bf16 or fp32"
+    else:
+        cause = ("the checkpoint: its tensors are finite but the model's outputs overflow "
+                 "(a diverged run?); try an earlier checkpoint")
+    raise ValueError(f"the outputs are not finite (NaN or inf: black images); nothing was written. "
+                     f"Likely cause: {cause}")
 
 
 def check_sampling(steps=None, cfg=None, shift=None, sampler=None, student=None):

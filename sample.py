@@ -10,6 +10,8 @@ Text-to-image (and img2img) from a teacher or a student checkpoint.
 
 Writes one PNG per prompt ({i:03d}.png), grid.png, prompts.txt and the resolved config.json into
 --out, and with --trajectory a trajectory.png (a row per sample: its x0 estimate at every step).
+A folder holding earlier outputs is refused (--overwrite replaces them), and so are outputs that
+are not finite (nothing is written).
 
 A checkpoint describes itself (its text encoder, VAE, sampler and sizes are in its metadata), so
 a teacher samples guided in many steps and a student unguided in its few, with the same command.
@@ -31,7 +33,7 @@ import weights
 @dataclass
 class SampleConfig:
     ckpt: str                        # a checkpoint file, or a run folder with model.safetensors
-    lora: str = None                 # LoRA adapters (a --lora run's adapters.safetensors) for --ckpt
+    lora: str = None                 # LoRA adapters for --ckpt, their base: a --lora run folder or its adapters.safetensors
     prompt: list = field(default_factory=list)  # a prompt (repeat for more) or a .txt, one a line
     steps: int = None                # sampling steps; None: the checkpoint's (a student: its times)
     cfg: float = None                # guidance scale, 1 = unguided; None: the checkpoint's
@@ -44,6 +46,7 @@ class SampleConfig:
     init_image: str = None           # img2img: start from this image instead of pure noise
     strength: float = None           # img2img: share of the steps run (0 = keep input); None: 0.6
     out: str = "samples"             # folder for 000.png ..., grid.png, prompts.txt, config.json
+    overwrite: bool = False          # replace the earlier outputs in --out (else such a folder is refused)
     trajectory: bool = False         # also trajectory.png: each sample's x0 estimate at every step
     cond: str = None                 # context, pooled (uncond_*) file or shard folder, not prompts
     device: str = "auto"             # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
@@ -61,7 +64,7 @@ def parse_args(argv=None):
 
 def run(c):
     """Sample as SampleConfig `c` says and write the files; returns the output paths."""
-    prompts = cli.read_prompts(c.prompt)
+    prompts = pipeline.read_prompts(c.prompt)
     if c.cond and prompts:
         raise ValueError("--cond replaces --prompt; pass one or the other")
     if not c.cond and not prompts:
@@ -70,8 +73,10 @@ def run(c):
     if c.strength is not None and not c.init_image:
         raise ValueError("--strength needs --init-image (it is the share of img2img steps run)")
     pipeline.check_sampling(c.steps, c.cfg, c.shift, c.sampler)
-    if c.shift is not None and pipeline.is_student(c.lora or c.ckpt):  # the file's header
-        pipeline.check_sampling(shift=c.shift, student=c.lora or c.ckpt)
+    pipeline.check_seed(c.seed, max(1, len(prompts)))
+    lora_file = c.lora and pipeline.adapter_file(c.lora)
+    if c.shift is not None and pipeline.is_student(lora_file or c.ckpt):  # the file's header
+        pipeline.check_sampling(shift=c.shift, student=lora_file or c.ckpt)
     for name, value in (("width", c.width), ("height", c.height)):
         if value is not None and value < 1:
             raise ValueError(f"--{name} {value}: must be > 0 (pixels); leave it out for the "
@@ -94,12 +99,17 @@ def run(c):
     if init is not None and tuple(init.shape[1:]) != (height, width):
         init = images.load_image(c.init_image, width, height)
     strength = (0.6 if c.strength is None else c.strength) if init is not None else 1.0
-    cond = pipeline.load_cond(c.cond) if c.cond else prompts
+    cond = pipeline.load_cond(c.cond) if c.cond else pipeline.encode(pipe, prompts)
+    earlier = images.check_out(c.out, c.overwrite)  # after loading: tests/test_docs.py runs up to it
+    pipeline.check_seed(c.seed, len(cond))
     out = pipeline.generate(pipe, cond, width, height, steps=c.steps, cfg=c.cfg, shift=c.shift,
                             sampler=c.sampler, seed=c.seed, batch_size=c.batch_size,
                             init_image=init, strength=strength, progress=not c.quiet,
                             trajectory=c.trajectory)
     samples, frames = out if c.trajectory else (out, None)
+    s = pipeline.sampling_settings(pipe, c.steps, c.cfg, c.shift, c.sampler)
+    pipeline.check_finite_output(samples, s["cfg"], dtype)
+    images.clear_out(c.out, earlier, c.quiet)
 
     paths = [os.path.join(c.out, f"{i:03d}.png") for i in range(len(samples))]
     for image, path in zip(samples, paths):
@@ -112,7 +122,6 @@ def run(c):
     labels = prompts or [f"cond {i}" for i in range(len(samples))]
     weights.atomic_write(os.path.join(c.out, "prompts.txt"), lambda f: f.write(
         "".join(f"{i:03d}.png\t{p}\n" for i, p in enumerate(labels)).encode()))
-    s = pipeline.sampling_settings(pipe, c.steps, c.cfg, c.shift, c.sampler)
     if init is not None:  # the sigmas actually run
         s["sigmas"] = flow.img2img_sigmas(s["sigmas"], strength)
     resolved = {**dataclasses.asdict(c), **s, "width": width, "height": height, "strength": strength,

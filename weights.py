@@ -172,6 +172,18 @@ def load_metadata(path):
     return read_header(path)[1]
 
 
+def check_finite(tensors, source):
+    """Every floating-point tensor of {name: Tensor} finite, or a WeightsError naming `source`
+    and the first bad tensor (in name order): a NaN weight only shows later, as black images."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise WeightsError(f"{source}: tensor {name} holds NaN or inf values ({bad} of "
+                               f"{t.numel()}); the file is damaged (a diverged run or a broken "
+                               "save); pass another checkpoint, e.g. an earlier one of the run")
+
+
 def tensors_sha256(path):
     """sha256 of a file's tensors: names, dtypes, shapes and bytes, not the metadata (the same
     weights saved with other notes have the same digest). Reads the file once, in chunks."""

@@ -60,8 +60,8 @@ def test_main_writes_images_grid_and_config(teacher, tmp_path, capsys):
     assert capsys.readouterr().out == ""  # --quiet
 
     main(["--ckpt", teacher, "--prompt", PROMPTS[0], "--width", "24", "--height", "16",
-                 "--out", str(out), "--quiet"])
-    assert read_png(out / "000.png").shape == (16, 24, 3)
+                 "--out", str(out), "--quiet", "--overwrite"])  # the earlier 3 images replaced
+    assert read_png(out / "000.png").shape == (16, 24, 3) and not (out / "001.png").exists()
 
 
 def test_prompt_file_and_final_message(teacher, tmp_path, capsys):
@@ -150,7 +150,7 @@ def test_student_times_are_the_default_schedule(student, tmp_path, monkeypatch):
 
     for steps, times in [("1", [1.0]), ("2", [1.0, 0.5])]:
         calls.clear()
-        main(["--ckpt", student, *P, "--steps", steps, "--out", str(tmp_path / "b"), "--quiet"])
+        main(["--ckpt", student, *P, "--steps", steps, "--out", str(tmp_path / f"b{steps}"), "--quiet"])
         assert [c[0] for c in calls] == times
 
     calls.clear()  # cfg > 1: cond and uncond in one pass of twice the batch
