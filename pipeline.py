@@ -286,8 +286,8 @@ SEEDS = 2 ** 63  # seeds are 0 ... 2**63 - 1: torch's generators take them modul
 def check_seed(seed, count=1, option="--seed"):
     """A seed for `count` images (seed, seed + 1, ...), each below 2**63, or a one-line error."""
     if not 0 <= seed or seed + count > SEEDS:
-        raise ValueError(f"{option} {seed}: must be an integer from 0 to 2**63 - {count} "
-                         f"({count} image(s) take the seeds from it on); e.g. {option} 0")
+        below = "2**63" if count == 1 else f"2**63 - {count - 1} (the images' seeds count up from it)"
+        raise ValueError(f"{option} {seed}: must be an integer >= 0 and below {below}; e.g. {option} 0")
 
 
 def check_finite_output(images, cfg=None, dtype=None):
