@@ -128,7 +128,7 @@ def run(c):
                          f"Fréchet distance; 256 measure a model to a few hundredths)")
     if c.seed < 0:
         raise ValueError(f"--seed {c.seed}: must be an integer >= 0 (it draws the captions)")
-    pipeline.check_seed(c.seed, 10 ** 6 + c.n * len(sizes or metrics.SIZE_SETS["many"]))  # their seeds
+    pipeline.check_seed(c.seed, 10 ** 6 + c.n * len(sizes or metrics.SIZE_SETS["many"]))  # noise, layouts
     if os.path.exists(c.out) and not os.path.isdir(c.out):
         raise ValueError(f"--out {c.out} is a file; pass a folder for the results")
     cli.check_out_folder(c.out)

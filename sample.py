@@ -33,7 +33,7 @@ import weights
 @dataclass
 class SampleConfig:
     ckpt: str                        # a checkpoint file, or a run folder with model.safetensors
-    lora: str = None                 # LoRA adapters for --ckpt, their base: a --lora run folder or its adapters.safetensors
+    lora: str = None                 # LoRA adapters (a --lora run folder or its adapters.safetensors); --ckpt: their base
     prompt: list = field(default_factory=list)  # a prompt (repeat for more) or a .txt, one a line
     steps: int = None                # sampling steps; None: the checkpoint's (a student: its times)
     cfg: float = None                # guidance scale, 1 = unguided; None: the checkpoint's
