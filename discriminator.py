@@ -84,7 +84,9 @@ class DiscriminatorHead(nn.Module):
             raise ValueError(f"pooled must be [{B}, {self.pooled_dim}], got {list(pooled.shape)}")
 
     def forward(self, x, t_hat, pooled):
-        """features x [B, D, h, w], noise levels t_hat [B], pooled text [B, Dp] -> logits [B]."""
+        """features x [B, D, h, w], noise levels t_hat [B], pooled text [B, Dp] -> logits [B]
+        (check_inputs first). Any B >= 1 and any h, w; differentiable in x: the student's
+        gradient comes back through it."""
         self.check_inputs(x, t_hat, pooled)
         c = F.silu(self.t_embedder(timestep_embedding(1000 * t_hat).to(x.dtype))
                    + self.y_embedder(pooled))                        # [B, hidden]
@@ -161,7 +163,9 @@ def parse_blocks(spec, depth):
 
 
 def hinge_heads_loss(real_logits, fake_logits):
-    """sum_k mean(relu(1 - real_k)) + mean(relu(1 + fake_k)); 0 once real >= 1 and fake <= -1."""
+    """sum_k mean(relu(1 - real_k)) + mean(relu(1 + fake_k)) over EVERY head k; 0 once real >= 1
+    and fake <= -1. Lists of logits [B_k] (batch sizes may differ) -> a 0-dim tensor with the
+    autograd graph. ValueError for empty lists or unequal numbers of real and fake heads."""
     if not real_logits or len(real_logits) != len(fake_logits):
         raise ValueError(f"need the same non-zero number of real and fake logits, got "
                          f"{len(real_logits)} and {len(fake_logits)}")
@@ -170,7 +174,8 @@ def hinge_heads_loss(real_logits, fake_logits):
 
 
 def hinge_student_loss(fake_logits):
-    """-sum_k mean(fake_k): the student raises the heads' logits on its samples."""
+    """-sum_k mean(fake_k) over every head k: the student raises the heads' logits on its
+    samples. A 0-dim tensor with the autograd graph; ValueError for an empty list."""
     if not fake_logits:
         raise ValueError("need at least one head's fake logits")
     return -sum(f.mean() for f in fake_logits)

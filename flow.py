@@ -27,18 +27,19 @@ def _bcast(t, x):
 
 
 def add_noise(x0, noise, t):
-    """x_t = (1 - t) x0 + t eps.  x0, noise: [B,C,H,W]; t: [B] or float."""
+    """x_t = (1 - t) x0 + t eps.  x0, noise: [B,C,H,W]; t: a float, or [B] (one per sample,
+    broadcast over C, H, W). Keeps x0's dtype (a tensor t is cast to it) and the autograd graph."""
     t = _bcast(t, x0)
     return (1 - t) * x0 + t * noise
 
 
 def velocity_target(x0, noise):
-    """The regression target v = eps - x0, same shape as x0."""
+    """The regression target v = eps - x0, same shape and dtype as x0."""
     return noise - x0
 
 
 def x0_from_v(x_t, v, t):
-    """x0_hat = x_t - t v."""
+    """x0_hat = x_t - t v; t a float or [B], as in add_noise (x_t's dtype and the graph kept)."""
     return x_t - _bcast(t, x_t) * v
 
 
@@ -69,17 +70,21 @@ def sample_t_logit_normal(n, mean=0.0, std=1.0, generator=None, device="cpu"):
 
 
 def shift_t(t, shift):
-    """SD3 resolution shift: s t / (1 + (s - 1) t). Float or tensor; shift 1 is the identity."""
+    """SD3 resolution shift: s t / (1 + (s - 1) t). Float in, float out; tensor in, tensor
+    out; shift 1 is the identity."""
     return shift * t / (1 + (shift - 1) * t)
 
 
 # ----------------------------------------------------------------------------- schedules
 
 def sd3_sigmas(steps, shift=3.0):
-    """The SD3 reference sigma list for `steps` Euler steps: steps + 1 floats, 1.0 ... 0.0.
+    """The SD3 reference sigma list for `steps` Euler steps: steps + 1 Python floats, strictly
+    decreasing from exactly 1.0 to exactly 0.0 (reference `get_sigmas`; diffusers agrees).
 
-    The endpoints come from a 1000-entry shifted table and the shift is applied again to the
-    interpolated timesteps (reference `get_sigmas`; diffusers gives the same numbers).
+    The table: shift_t(i / 1000) for i = 1..1000, so its ends are sigma_min = shift_t(1/1000) and
+    sigma_max = shift_t(1) = 1. `steps` timesteps run linearly (float64) from 1000 sigma_max down
+    to 1000 sigma_min, each divided by 1000 and shifted again; then the final 0.0. ValueError
+    unless steps is an integer >= 1 and shift > 0.
     """
     if not isinstance(steps, Integral) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -165,10 +170,11 @@ def cfg_velocity(model, x, t, context, pooled, uncond_context=None, uncond_poole
 # ----------------------------------------------------------------------------- the loop
 
 def sampler_step(x, v, s, s_next, sampler, eps=None):
-    """One step from noise level s to s_next < s, given the velocity v at (x, s).
+    """One step from noise level s to s_next < s (floats), given the velocity v at (x, s).
     euler:   x + (s_next - s) v
     renoise: (1 - s_next) x0_hat + s_next eps, x0_hat = x - s v: the prediction re-noised with
-             fresh noise eps (ADD / LADD few-step sampling; no noise is needed at s_next = 0)."""
+             fresh noise eps (ADD / LADD few-step sampling; eps may be None at s_next = 0).
+    The result keeps x's dtype."""
     if sampler == "euler":
         return x + (s_next - s) * v
     x0_hat = x - s * v

@@ -142,13 +142,15 @@ def check_task(pipe, task, teacher):
 
 def with_known(x, known):
     """An inpainting model's input: the noisy latent x [B, z, h, w] with the mask and the known
-    latent [B, 1 + z, h, w] appended; known None (a text-to-image model): x itself."""
+    latent [B, 1 + z, h, w] appended; known None (a text-to-image model): x itself. x's values
+    and precision are kept (fp32 x beside fp16 known channels stays fp32), and its graph."""
     return x if known is None else torch.cat([x, known], dim=1)
 
 
 def known_channels(z0, m):
     """An inpainting model's extra input [B, 1 + z, h, w]: the latent mask m [B, 1, h, w]
-    (1 = repaint) and the known latent z0 [B, z, h, w], zeroed where it is repainted."""
+    (1 = repaint) and the known latent z0 [B, z, h, w], zeroed where it is repainted. The
+    inputs' dtype is kept."""
     return torch.cat([m, z0 * (1 - m)], dim=1)
 
 

@@ -121,7 +121,9 @@ def attention(q, k, v):
 
 
 def timestep_embedding(t, dim=256, max_period=10000.0):
-    """Sinusoidal features of (already x1000) timesteps t [B] -> [B, dim], cosine half first."""
+    """Sinusoidal features of (already x1000) timesteps t [B], any dtype -> float32 [B, dim]:
+    for half = dim // 2 frequencies exp(-ln(max_period) k / half), k = 0..half-1, the cosines of
+    t * frequency first, then the sines (the order SD3's weights expect)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]                          # [B, half]
@@ -238,7 +240,8 @@ class JointBlock(nn.Module):
 
     def forward(self, ctx, x, c):
         """text tokens ctx [B, L, D], image tokens x [B, N, D], conditioning c [B, D] -> (ctx, x)
-        after the block, text first (the last block returns None for the text)."""
+        after the block, text first (the last block returns None for the text). One attention
+        over the L + N tokens, text first; every sample on its own."""
         L = ctx.shape[1]
         (qc, kc, vc), ctx_state = self.context_block.pre_attention(ctx, c)  # [B, L, H, hd] each
         (qx, kx, vx), x_state = self.x_block.pre_attention(x, c)            # [B, N, H, hd] each
