@@ -84,7 +84,7 @@ def check_config(cfg):
 def check_sizes(cfg, pipe):
     """--data-sizes and --judge-sizes -> (the student's sizes: the data's, default the teacher's;
     the judge's sizes, None: the student's), each checked against the teacher's patch, VAE factor
-    and positional grid."""
+    and positional grid; and --batch-size against the data's size buckets."""
     def parse(name):
         text, option = getattr(cfg, name), "--" + name.replace("_", "-")
         if not text:
