@@ -1,6 +1,8 @@
 """The classroom exercises (exercises/): every grader passes on the project's code, fails on the
 stubbed copy and on typical wrong answers; the student's copy imports and the rest of it runs."""
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -385,3 +387,124 @@ def test_copy_refuses_unknown_exercises_and_a_used_folder(tmp_path):
         exercises.copy(str(tmp_path / "c"), names=[], python_only=True,
                        replacements=[("flow.py", "nope", "def nope():\n    pass")])
     assert not (tmp_path / "c").exists() and not list(tmp_path.glob("c.tmp-*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# a student's copy holds no answers
+
+
+def normalised(text):
+    """The code-like lines of a text, comments and spacing removed, those of 16 characters or more
+    (shorter ones, `return x`, are in any program)."""
+    lines = set()
+    for line in text.split("\n"):
+        line = " ".join(line.split("  #")[0].split())
+        if len(line) >= 16 and not line.startswith("#"):
+            lines.add(line)
+    return lines
+
+
+def answer_lines():
+    """{line: where it comes from}: each exercise's own lines (its functions' bodies, the wrong
+    answers above) that the project's other code does not also contain."""
+    import ast
+    sources, answers = {}, {}
+    for e in exercises.EXERCISES:
+        for file, qualname in e.targets:
+            if file not in sources:
+                with open(os.path.join(ROOT, file), encoding="utf-8") as f:
+                    sources[file] = f.read()
+            node = exercises._find(ast.parse(sources[file]), qualname)
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            text = "\n".join(sources[file].split("\n")[body[0].lineno - 1:node.end_lineno])
+            answers.update({line: f"{e.name}: {qualname}" for line in normalised(text)})
+            sources[file] = exercises.stub(sources[file], qualname, "x")
+    answers.update({line: f"{name}: a wrong answer in tests/test_exercises.py"
+                    for name, _, _, source, _ in WRONG for line in normalised(source)})
+    elsewhere = set()
+    for name in sorted(os.listdir(ROOT)):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+                elsewhere |= normalised(sources.get(name, f.read()))
+    return {line: where for line, where in answers.items() if line not in elsewhere}
+
+
+def leaks(folder, answers):
+    """[(file, line, where it comes from)] for each answer line found in a text file of folder."""
+    found = []
+    for path, _, names in os.walk(folder):
+        for name in names:
+            if name.endswith((".safetensors", ".png", ".jpg", ".pyc")):
+                continue
+            with open(os.path.join(path, name), encoding="utf-8", errors="replace") as f:
+                lines = normalised(f.read())
+            found += [(os.path.relpath(os.path.join(path, name), folder), line, answers[line])
+                      for line in lines & answers.keys()]
+    return found
+
+
+def test_a_student_s_copy_holds_no_solution_and_no_wrong_answer(tmp_path):
+    answers = answer_lines()
+    # the search finds every exercise's answer in the project's own code ...
+    (tmp_path / "code").mkdir()
+    for e in exercises.EXERCISES:
+        for file, _ in e.targets:
+            shutil.copy(os.path.join(ROOT, file), tmp_path / "code" / file)
+    found = {where.split(":")[0] for _, _, where in leaks(str(tmp_path / "code"), answers)}
+    assert found == set(NAMES)
+    # ... and the wrong answers (near-solutions) in the tests, which the copy leaves out
+    found = {file for file, _, _ in leaks(os.path.join(ROOT, "tests"), answers)}
+    assert {"test_exercises.py", "test_train_ladd.py"} <= found, found
+    copy = exercises.copy(str(tmp_path / "student"))  # every exercise stubbed, every file git tracks
+    assert not os.path.exists(os.path.join(copy, "tests"))
+    assert leaks(copy, answers) == []
+
+
+def test_record_refuses_to_run_in_a_student_s_copy(stubbed):
+    out = subprocess.run([sys.executable, "exercises/exercises.py", "record"], cwd=stubbed,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().count("\n") == 0 and "student's copy" in out.stderr, out.stderr
+
+
+def test_the_copy_s_links_to_what_it_leaves_out_say_so(stubbed):
+    with open(os.path.join(stubbed, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert "](exercises/TEACHER.md)" not in text
+    assert "exercises/TEACHER.md (not in a student's copy)" in text
+    assert exercises.unlink_left_out("[a](../tests/x.py) [b](ANSWERS.md#q) [c](README.md)",
+                                     "exercises") == (
+        "a (not in a student's copy) b (not in a student's copy) [c](README.md)")
+
+
+def test_one_order_everywhere_and_every_exercise_after_the_ones_it_needs():
+    order = [e.name for e in exercises.EXERCISES]
+    for e in exercises.EXERCISES:
+        assert all(order.index(n) < order.index(e.name) for n in e.needs), e.name
+    with open(os.path.join(ROOT, "exercises", "README.md"), encoding="utf-8") as f:
+        sheet = re.findall(r"^\| (\d) \| `([a-z0-9-]+)` \|", f.read(), re.M)
+    assert [name for _, name in sheet] == order
+    assert [int(i) for i, _ in sheet] == list(range(1, len(order) + 1))
+    with open(os.path.join(ROOT, "exercises", "TEACHER.md"), encoding="utf-8") as f:
+        guide = re.findall(r"\b(\d) ([a-z0-9]+-[a-z0-9-]+)", f.read().split("## Order and time")[1])
+    assert sorted(set(guide), key=lambda x: int(x[0])) == [(str(i + 1), n) for i, n in enumerate(order)]
+    listed = subprocess.run([sys.executable, os.path.join(ROOT, "exercises", "exercises.py"), "list"],
+                            capture_output=True, text=True).stdout.split("\n")
+    assert [line.split()[0] for line in listed if line] == order
+
+
+def test_a_grader_names_the_exercise_to_do_first(tmp_path):
+    copy = exercises.copy(str(tmp_path / "c"), names=["flow-noising"], python_only=True)
+    results = exercises.grade("student-step", copy)
+    assert results[0][0] == "needs flow-noising done first"
+    assert "grade flow-noising" in results[0][1]
+    assert any("runs the code of exercise flow-noising" in (err or "") for _, err in results)
+    assert exercises.needs_notes(["hinge-losses", "student-step", "sd3-schedule"]) == [
+        "student-step runs the code of hinge-losses: do it first"]
+
+
+def test_copy_to_a_place_it_cannot_write_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="cannot write there"):
+        exercises.copy(str(tmp_path / "file" / "student"), names=[], python_only=True)
+    assert (tmp_path / "file").read_text() == "x"
