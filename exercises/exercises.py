@@ -12,9 +12,10 @@ The solution is always the project's own code: `copy` replaces each function an 
 its docstring and a `raise NotImplementedError` that says what to write. Everything else in the
 copy still runs. `grade` loads the modules of the folder it lives in and runs the exercise's
 checks (exercises/graders.py): exact values worked out by hand, reference outputs of the project's
-code on fixed inputs (exercises/reference.safetensors, remade with `record`), and properties that
-typical wrong answers break. The student's sheet is exercises/README.md, the teacher's guide
-exercises/TEACHER.md, the answers exercises/ANSWERS.md.
+code on fixed inputs (exercises/reference.safetensors, remade with `record` in the project), and
+the behaviour whole classes of wrong answers break. The student's sheet is exercises/README.md,
+the teacher's guide exercises/TEACHER.md, the answers exercises/ANSWERS.md. A copy leaves out
+those two and tests/ (the tests spell out the functions the exercises remove).
 """
 
 import argparse
