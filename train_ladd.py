@@ -190,14 +190,16 @@ class StepSettings:
 
 def student_step(student, teacher, heads, opt, b, s=StepSettings()):
     """One student update -> (the teacher's features of the fake batch, one map per head,
-    detached and fp32 for heads_step; statistics). The teacher is frozen but runs with autograd
-    on, so the heads' verdict flows back through it into the student; the heads only judge here:
-    frozen for the step (no .grad), trainable again after it. The forward passes run under
-    training.autocast(device, s.amp); the student and the teacher read b.input(x). The loss:
-    hinge_student_loss of every head's logits, plus weight * value for each (name, value, weight)
-    of addons.student_terms(teacher, x0_hat, fake, b, s). Statistics (Python numbers): student_loss
-    (the hinge loss alone), each add-on's unweighted value under its name, student_grad_norm
-    (before clipping) and student_skipped (1 when that norm is not finite: no opt.step)."""
+    detached and fp32 for heads_step; statistics). The teacher comes frozen (requires_grad off)
+    but runs with autograd on, so the heads' verdict flows back through it into the student; the
+    heads only judge here: requires_grad_(False) for the step (no .grad), (True) after it. The
+    forward passes run under training.autocast(device, s.amp); the student and the teacher read
+    b.input(x). The loss: hinge_student_loss of every head's logits, plus weight * value for each
+    (name, value, weight) of addons.student_terms(teacher, x0_hat, fake, b, s). The update:
+    training.clip_grad_norm(student.parameters(), s.grad_clip), then opt.step() only if that norm
+    is finite. Statistics (Python numbers): student_loss (the hinge loss alone), each add-on's
+    unweighted value under its name, student_grad_norm (before clipping), student_skipped (1 when
+    that norm is not finite and no step was taken, else 0)."""
     heads.requires_grad_(False)
     with training.autocast(b.x0.device, s.amp):
         x_t = flow.add_noise(b.x0, b.eps, b.t)                                    # [B, C, h, w]

@@ -101,7 +101,7 @@ EXERCISES = [
              "the hinge loss, plus weight * value for each term of addons.student_terms (none in "
              "plain LADD); then zero_grad, backward, training.clip_grad_norm and opt.step only "
              "when that norm is finite. Heads frozen during the step only; b.input(...) for "
-             "what the student and the teacher read; the statistics the loop reads.",
+             "what the student and the teacher read; the statistics the docstring lists.",
              needs=("flow-noising", "timestep-embedding", "joint-attention", "discriminator-head",
                     "hinge-losses", "inpainting-input")),
 ]
@@ -303,10 +303,17 @@ def main(argv=None):
                                   "(in the project only, never in a student's copy)")
     a = p.parse_args(argv)
     if a.what == "list":
+        stubbed = None
+        if os.path.exists(os.path.join(ROOT, MARKER)):  # a student's copy: mark its exercises
+            with open(os.path.join(ROOT, MARKER), encoding="utf-8") as f:
+                stubbed = json.load(f)["stubbed"]
         for e in EXERCISES:
             where = ", ".join(f"{f}:{q}" for f, q in e.targets)
             needs = f"  (after {', '.join(e.needs)})" if e.needs else ""
-            print(f"{e.name:20} {e.minutes:3d} min  {where}{needs}")
+            mark = "" if stubbed is None else ("* " if e.name in stubbed else "  ")
+            print(f"{mark}{e.name:20} {e.minutes:3d} min  {where}{needs}")
+        if stubbed is not None:
+            print("* removed from this copy: yours to write")
     elif a.what == "copy":
         try:
             copy(a.out, a.exercise)
