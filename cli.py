@@ -210,12 +210,10 @@ def saved_step(out):
 
 def check_steps_ahead(given, saved, out):
     """A resumed run continues forwards: --steps below the steps already done is an error."""
-    done = saved_step(out)
-    steps = given.get("steps", saved.get("steps"))
-    if done is not None and steps is not None and steps < done:
-        raise ValueError(f"--steps {steps}: the run in {out} is already at step {done}; resume "
-                         f"with --steps {done} or more (the default: its own --steps "
-                         f"{saved.get('steps')})")
+    steps, done = given.get("steps"), saved_step(out)
+    if steps is not None and done is not None and steps < done:
+        raise ValueError(f"--steps {steps}: the run in {out} is already at step {done}; pass "
+                         f"--steps {done} or more, or leave --steps out")
 
 
 def held_run_files(folder):
