@@ -119,10 +119,14 @@ def check_batch(cfg, sizes):
 
 
 def load_teacher(cfg, device, amp):
-    """The teacher's pipeline (MMDiT, VAE, text encoder, sampling defaults), frozen. On CUDA it is
-    stored in the autocast dtype: it is never updated, only run and differentiated through."""
+    """The teacher's pipeline (MMDiT, VAE, text encoder, sampling defaults), frozen, checked
+    against --task and --data. On CUDA it is stored in the autocast dtype: it is never updated,
+    only run and differentiated through."""
     pipe = pipeline.load_pipeline(cfg.teacher, device, amp if device.type == "cuda" else torch.float32)
     inpainting.check_task(pipe, cfg.task, cfg.teacher)
+    if cfg.data == "real" and not pipeline.is_shapes(pipe):
+        raise ValueError(f"--data real renders shapes-world captions, and --teacher {cfg.teacher} "
+                         f"is not a shapes world model; pass --data synthetic (its own samples)")
     return pipe
 
 

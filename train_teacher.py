@@ -279,6 +279,10 @@ def check_config(cfg):
         path = getattr(cfg, name)
         if path and not cfg.resume and not os.path.isfile(path):
             raise ValueError(f"--{name} {path}: no such file (the shipped ones are in assets/)")
+    n = len(shapes.SIZES)
+    if not (cfg.vae or cfg.resume) and 0 < cfg.judge_n < n:  # judge_reconstructions splits it
+        raise ValueError(f"--judge-n {cfg.judge_n}: the VAE phase judges its reconstructions at "
+                         f"each of the world's {n} sizes; pass 0 (no judge) or {n} or more")
     for name in ("out", "export"):  # last: it makes (and removes again) a file in each
         if getattr(cfg, name):
             cli.check_out_folder(getattr(cfg, name), f"--{name}")

@@ -93,6 +93,34 @@ def test_a_batch_as_big_as_a_bucket_takes_every_row_once(teacher, tmp_path):
     assert log[0]["step"] == 0
 
 
+def test_real_data_for_a_model_outside_the_shapes_world_is_refused_first(teacher, tmp_path,
+                                                                         capsys):
+    """--data real renders shapes-world captions: a teacher with another text encoder cannot
+    have them, said before the run folder is written (it used to fail in the data phase)."""
+    meta = weights.load_metadata(teacher)
+    meta["text_encoder"] = json.dumps({"name": "sd3"})
+    other = os.path.join(os.path.dirname(teacher), "sd3like.safetensors")  # beside its VAE
+    weights.save_file(dict(weights.load_file(teacher)), other, meta)
+    g = torch.Generator().manual_seed(0)
+    cond = tmp_path / "cond.safetensors"
+    weights.save_file({"context": torch.randn(3, 7, 64, generator=g),
+                       "pooled": torch.randn(3, 64, generator=g),
+                       "uncond_context": torch.zeros(1, 7, 64),
+                       "uncond_pooled": torch.zeros(1, 64)}, cond)
+    out = tmp_path / "run"
+    unchanged(train_ladd.main, capsys, ladd_argv(other, out, "--cond", str(cond), "--data",
+                                                 "real", "--pair-weight", "0"),
+              [out], "--data real", "shapes world", "--data synthetic")
+
+
+def test_a_teacher_judge_smaller_than_the_worlds_sizes_is_refused_first(tmp_path, capsys):
+    """The VAE's judge splits --judge-n over the world's 3 sizes: 2 captions made none a size
+    and a traceback after the VAE phase."""
+    out = tmp_path / "run"
+    unchanged(train_teacher.main, capsys, TEACHER_FAST + ["--out", str(out), "--judge-n", "2"],
+              [out], "--judge-n 2", "pass 0", "3 or more")
+
+
 # ----------------------------------------------------------------------------------------------
 # seeds
 
