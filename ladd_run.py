@@ -107,6 +107,10 @@ def check_sizes(cfg, pipe):
 def check_batch(cfg, sizes):
     """A batch is distinct rows of one size bucket: --batch-size may not exceed a bucket."""
     bucket = ladd_data.bucket_size(cfg.data_size, sizes)
+    if cfg.batch_size > bucket and cfg.resume:  # a run made before this check drew `bucket` rows
+        raise ValueError(f"--resume {cfg.resume}: its --batch-size {cfg.batch_size} is more than "
+                         f"the {bucket} latents of each size bucket, so its steps trained on "
+                         f"{bucket}; start it again with --overwrite --batch-size {bucket}")
     if cfg.batch_size > bucket:
         raise ValueError(f"--batch-size {cfg.batch_size}: each size bucket holds {bucket} latents "
                          f"(--data-size {cfg.data_size} over {len(sizes)} sizes) and a batch is "

@@ -79,6 +79,16 @@ def test_a_batch_bigger_than_a_size_bucket_is_refused_before_any_work(teacher, t
               "over 3 sizes", "--data-size 9")
 
 
+def test_a_run_saved_with_a_batch_bigger_than_its_buckets_says_how_to_start_again(ladd_run,
+                                                                                 tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(ladd_run, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "batch_size": 6}))  # made before the check
+    unchanged(train_ladd.main, capsys, ["--resume", str(out)], [out], "--batch-size 6",
+              "4 latents", "trained on 4", "--overwrite --batch-size 4")
+
+
 def test_the_bucket_size_is_the_datasets():
     """The check and the dataset count the rows of a bucket the same way."""
     assert ladd_data.bucket_size(576, [(64, 64), (96, 48), (48, 96)]) == 192
