@@ -91,7 +91,7 @@ def build_parser(cls, prog, doc, choices=None, item_types=None, given_only=False
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         shown = "" if f.default is dataclasses.MISSING else f" (default: {f.default})"
-        kw = {"help": helps.get(f.name, "") + shown}
+        kw = {"help": (helps.get(f.name, "") + shown).replace("%", "%%")}  # argparse formats it
         if f.type is bool:
             kw.update(action="store_const", const=True, default=None if given_only else False)
         elif f.type is list:

@@ -47,7 +47,7 @@ class Config:
     out: str = "runs/teacher"          # run folder: checkpoints, log.jsonl, sample grids
     resume: str = ""                   # a run folder to continue (its saved settings)
     overwrite: bool = False            # start again in an --out that holds a run (replaces it)
-    preset: str = "default"            # default | quick | inpaint | test (PRESETS below)
+    preset: str = "default"            # default | quick, inpaint: CPU minutes | test: seconds
     seed: int = 0                      # data, noise and init all derive from it
     device: str = "auto"               # auto: cuda, then mps, then cpu
     dtype: str = "auto"                # autocast dtype: auto = bf16 on CUDA, fp32 elsewhere
@@ -57,7 +57,7 @@ class Config:
     vae_config: str = "shapes"         # vae.CONFIGS name (x4, 4 latent channels)
     vae_steps: int = 3000              # VAE training steps
     vae_batch: int = 128               # rendered images per VAE step
-    vae_lr: float = 1e-3               # VAE Adam, 100 warm-up steps, x0.1 for the last 20 %
+    vae_lr: float = 1e-3               # VAE Adam, 100 warm-up steps, x0.1 for the last fifth
     kl_weight: float = 1e-6            # small: the latent is rescaled afterwards anyway
     vae_max_minutes: float = 0.0       # stop the VAE phase after this wall time (0: no limit)
     # phase 2: teacher

@@ -346,6 +346,16 @@ def test_every_training_option_has_a_help(script):
     helps = described(parser)
     assert len(helps) == len(module.Config.__dataclass_fields__)
     assert [o for o, text in helps.items() if not text] == []
+    assert "--preset" in parser.format_help()  # what --help prints ('%' in a comment broke it)
+
+
+def test_a_percent_sign_in_a_comment_is_printed_as_itself():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Config:
+        share: float = 0.5  # of the rows, in %
+    assert "in %" in cli.build_parser(Config, "x", "doc").format_help()
 
 
 def test_every_preset_is_in_the_preset_help():
@@ -359,3 +369,4 @@ def test_every_preset_is_in_the_preset_help():
 def test_every_bench_option_has_a_help(command):
     helps = described(bench_parsers()[command])
     assert helps and [o for o, text in helps.items() if not text] == []
+    assert "--device" in bench_parsers()[command].format_help() or command == "gpu-check"
