@@ -74,8 +74,7 @@ def check_config(cfg):
             raise ValueError(f"{text}: want {len(times)} finite weights >= 0, one per --times value")
         if sum(p) <= 0:
             raise ValueError(f"{text}: the weights sum to 0; make at least one positive")
-    for option in ("out", "data_dir"):  # last: it makes (and removes again) a file in each
-        cli.check_out_folder(getattr(cfg, option), "--" + option.replace("_", "-"))
+    training.check_writable(cfg, "out", "data_dir")  # last: it makes (and removes) a file in each
     if not cfg.teacher:  # the shipped shapes teacher of the task
         cfg = dataclasses.replace(cfg, teacher=os.path.join("assets", training.SHIPPED[cfg.task]))
     return cfg, (times, probs, warm)

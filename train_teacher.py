@@ -283,9 +283,7 @@ def check_config(cfg):
     if not (cfg.vae or cfg.resume) and 0 < cfg.judge_n < n:  # judge_reconstructions splits it
         raise ValueError(f"--judge-n {cfg.judge_n}: the VAE phase judges its reconstructions at "
                          f"each of the world's {n} sizes; pass 0 (no judge) or {n} or more")
-    for name in ("out", "export"):  # last: it makes (and removes again) a file in each
-        if getattr(cfg, name):
-            cli.check_out_folder(getattr(cfg, name), f"--{name}")
+    training.check_writable(cfg, "out", "export")  # last: it makes (and removes) a file in each
 
 
 def teacher_config(cfg, vae_config):

@@ -117,6 +117,15 @@ def is_sharded(module):
     return any(hasattr(p, "full_tensor") for p in module.parameters())  # DTensor weights: FSDP
 
 
+def check_writable(cfg, *options):
+    """The folders these options name can be written (cli.check_out_folder), checked by one
+    process: under torchrun the others would race on the folders it makes and removes again."""
+    if os.environ.get("RANK", "0") == "0":
+        for name in options:
+            if getattr(cfg, name):
+                cli.check_out_folder(getattr(cfg, name), "--" + name.replace("_", "-"))
+
+
 def init_world(device_name, batch_size):
     """-> (World, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is
     one process on `device_name`. Several processes use cuda:LOCAL_RANK with NCCL, or the CPU
