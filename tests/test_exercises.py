@@ -27,7 +27,11 @@ def source_of(file, qualname):
     return "\n".join(text.split("\n")[node.lineno - 1:node.end_lineno])
 
 
-STEP = source_of("train_ladd.py", "student_step")
+def edited(file, qualname, right, wrong):
+    """The project's function with one piece of it written wrong."""
+    source = source_of(file, qualname)
+    assert right in source, f"{qualname} no longer holds {right!r}"
+    return source.replace(right, wrong)
 
 # the mistakes students make, one function at a time: (exercise, file, function, wrong source,
 # a phrase its grader's message must contain). The first ones were in the project from the start;
@@ -138,56 +142,6 @@ def forward(self, ctx, x, c):
         return None, x
     return self.context_block.post_attention(ctx, a[:, :L], ctx_state), x
 ''', "image output"),
-    ("discriminator-head", "discriminator.py", "DiscriminatorHead.forward", '''
-def forward(self, x, t_hat, pooled):
-    c = F.silu(self.t_embedder(timestep_embedding(1000 * t_hat).to(x.dtype))
-               + self.y_embedder(pooled))
-    h = self.x_in(x)
-    for block in self.res_blocks:
-        h = block(h, c)
-    h = F.silu(self.norm_out(h))
-    return self.logit_out(h).mean(dim=(1, 2, 3))   # the projection term forgotten
-''', "the projection term"),
-    ("discriminator-head", "discriminator.py", "DiscriminatorHead.forward", '''
-def forward(self, x, t_hat, pooled):
-    self.check_inputs(x, t_hat, pooled)
-    c = F.silu(self.t_embedder(timestep_embedding(1000 * t_hat).to(x.dtype))
-               + self.y_embedder(pooled))
-    h = self.x_in(x)
-    for block in self.res_blocks:
-        h = block(h, c)
-    h = F.silu(self.norm_out(h))
-    local = self.logit_out(h).squeeze().mean(dim=(-2, -1))       # breaks batch size 1
-    proj = (h.mean(dim=(2, 3)) * self.proj_embed(c)).sum(1)
-    return local + proj / math.sqrt(self.hidden)
-''', ".squeeze()"),
-    ("discriminator-head", "discriminator.py", "DiscriminatorHead.forward", '''
-def forward(self, x, t_hat, pooled):
-    self.check_inputs(x, t_hat, pooled)
-    c = F.silu(self.t_embedder(timestep_embedding(t_hat).to(x.dtype))   # t_hat not x1000
-               + self.y_embedder(pooled))
-    h = self.x_in(x)
-    for block in self.res_blocks:
-        h = block(h, c)
-    h = F.silu(self.norm_out(h))
-    local = self.logit_out(h).mean(dim=(1, 2, 3))
-    proj = (h.mean(dim=(2, 3)) * self.proj_embed(c)).sum(1)
-    return local + proj / math.sqrt(self.hidden)
-''', "multiplied by 1000"),
-    ("discriminator-head", "discriminator.py", "DiscriminatorHead.forward", '''
-def forward(self, x, t_hat, pooled):
-    self.check_inputs(x, t_hat, pooled)
-    x = x.detach()                                               # the student's gradient cut
-    c = F.silu(self.t_embedder(timestep_embedding(1000 * t_hat).to(x.dtype))
-               + self.y_embedder(pooled))
-    h = self.x_in(x)
-    for block in self.res_blocks:
-        h = block(h, c)
-    h = F.silu(self.norm_out(h))
-    local = self.logit_out(h).mean(dim=(1, 2, 3))
-    proj = (h.mean(dim=(2, 3)) * self.proj_embed(c)).sum(1)
-    return local + proj / math.sqrt(self.hidden)
-''', "no gradient reached the features"),
     ("hinge-losses", "discriminator.py", "hinge_heads_loss", '''
 def hinge_heads_loss(real_logits, fake_logits):
     return sum(F.relu(1 + r).mean() + F.relu(1 - f).mean()      # real and fake swapped
@@ -244,9 +198,17 @@ def with_known(x, known):
 def with_known(x, known):
     return x if known is None else torch.cat([x.detach(), known], dim=1)   # the graph cut
 ''', "no autograd graph"),
-] + [("student-step", "train_ladd.py", "student_step", STEP.replace(right, wrong), phrase)
-     for right, wrong, phrase in (
-    # (a line of the right step, what a student wrote instead, a phrase of the grader's message)
+] + [("discriminator-head", "discriminator.py", "DiscriminatorHead.forward",
+       edited("discriminator.py", "DiscriminatorHead.forward", right, wrong), phrase)
+      for right, wrong, phrase in (
+    # (a piece of the right code, what a student wrote instead, a phrase of the grader's message)
+    ("return local + proj / math.sqrt(self.hidden)", "return local", "the projection term"),
+    ("self.logit_out(h).mean(dim=(1, 2, 3))", "self.logit_out(h).squeeze().mean(dim=(-2, -1))",
+     ".squeeze()"),
+    ("timestep_embedding(1000 * t_hat)", "timestep_embedding(t_hat)", "multiplied by 1000"),
+    ("        h = self.x_in(x)", "        h = self.x_in(x.detach())", "no gradient reached the features"),
+)] + [("student-step", "train_ladd.py", "student_step", edited("train_ladd.py", "student_step", right, wrong),
+       phrase) for right, wrong, phrase in (
     ("fake = flow.add_noise(x0_hat, b.eps_fake, b.t_hat)",
      "fake = flow.add_noise(x0_hat, b.eps_fake, b.t_hat).detach()", "no graph to the student"),
     ("    heads.requires_grad_(False)\n", "", "freeze them"),
@@ -340,7 +302,6 @@ def test_a_stub_keeps_the_signature_and_docstring_and_says_what_to_write(stubbed
                          ids=[f"{n}:{f}:{i}" for i, (n, _, f, _, _) in enumerate(WRONG)])
 def test_a_typical_wrong_answer_fails_its_own_grader_with_a_message_that_names_it(
         tmp_path, name, file, function, source, phrase):
-    assert source.strip() != STEP.strip()  # (each student-step mistake changes a real line)
     copy = exercises.copy(str(tmp_path / "wrong"), names=[], python_only=True,
                           replacements=[(file, function, source)])
     results = graders.run(name, exercises.load(copy))  # its own grader, not `grade all`
