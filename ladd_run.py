@@ -279,7 +279,7 @@ class RunFolder:
         if not w.main:
             return
         meta = training.checkpoint_metadata(
-            "train_ladd.py", cfg, pipeline.text_encoder_spec(self.teacher_pipe), "vae.safetensors",
+            "train_ladd.py", cfg, pipeline.text_encoder_spec(self.teacher_pipe, cfg.out), "vae.safetensors",
             {"times": self.schedule[0], "cfg": 1.0, "sampler": cfg.sampler}, self.sizes,
             teacher=os.path.abspath(self.teacher_pipe.path), train_steps=str(step), **extra)
         if cfg.lora:  # the EMA merged into the teacher's weights, and its adapters alone
@@ -378,8 +378,9 @@ def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):
     """Rows: teacher at its default (guided) steps | teacher 4 steps | student 4 | student 1;
     the same prompts and seeds in every column. The teacher rows are computed once (cache).
     grid: (Conditioning, captions), or for inpainting a list of inpaint.edit_task edits (then
-    a first row shows the input with its mask)."""
-    w, h = teacher_pipe.sizes[0]
+    a first row shows the input with its mask). Sampled at the run's first size (the student's),
+    which may not be the teacher's default (a diffusers SD3 folder says 1024x1024)."""
+    w, h = student_pipe.sizes[0]
     d = teacher_pipe.defaults
     if isinstance(grid, list):  # edits: (image, mask, caption) each
         def run(pipe, steps=None):

@@ -16,6 +16,7 @@ Conventions: x [B, C, H, W] latents; t [B] in [0, 1] (1 = pure noise; the timest
 v = noise - x0, same shape as x.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -380,14 +381,16 @@ class MMDiT(nn.Module):
         """An SD3 / SD3.5 single file (`model.diffusion_model.` keys), a bare MMDiT file (as
         written by save_pretrained), or a diffusers folder (`transformer/` inside it)."""
         path = os.fspath(path)
-        metadata = {}
+        metadata, diffusers_json = {}, ({}, None)
         if os.path.isdir(path):
             state = from_diffusers(weights.load_diffusers(path, "transformer"))
+            diffusers_json = weights.diffusers_config(path, "transformer", DIFFUSERS_JSON_KEYS)
         else:
             state = weights.load_file(path)
             metadata = weights.load_metadata(path)
             if any(k.startswith("transformer_blocks.") for k in state):
                 state = from_diffusers(state)
+                diffusers_json = weights.diffusers_config(path, "transformer", DIFFUSERS_JSON_KEYS)
             else:
                 state = weights.sd3_component(state, "mmdit")
         if "x_embedder.proj.weight" not in state:
@@ -397,6 +400,8 @@ class MMDiT(nn.Module):
         saved = json.loads(metadata["config"]) if "config" in metadata else {}
         heads = {"num_heads": saved["num_heads"]} if "num_heads" in saved else {}
         config = MMDiTConfig.from_state_dict({k: v.shape for k, v in state.items()}, **heads)
+        if diffusers_json[1]:  # a diffusers config.json: its head count, checked against the weights
+            config = config_from_diffusers_json(config, *diffusers_json)
         with torch.device("meta"):
             model = cls(config)
         weights.load_strict(model, state, path, f"an MMDiT ({config.depth} blocks)")
@@ -448,6 +453,41 @@ _TOP_NAMES = {
     "final_layer.linear": "proj_out",
     "final_layer.adaLN_modulation.1": "norm_out.linear",
 }
+
+
+DIFFUSERS_JSON_KEYS = ("num_layers", "num_attention_heads", "joint_attention_dim")
+
+
+def config_from_diffusers_json(inferred, config, file):
+    """The MMDiTConfig of a diffusers transformer: `inferred` from the weights' shapes, with the
+    head count of its config.json (`config`, read from `file`); every field of the file checked
+    against what the weights imply (a WeightsError naming the field otherwise). The weights
+    cannot tell the heads of a model without qk-norm: only config.json can (SD3's rule, heads of
+    64, is what is inferred without one)."""
+    c = inferred
+    heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim")
+    qk = config.get("qk_norm", "absent")
+    pairs = [("num_layers", config.get("num_layers"), c.depth),
+             ("patch_size", config.get("patch_size"), c.patch_size),
+             ("in_channels", config.get("in_channels"), c.in_channels),
+             ("out_channels", config.get("out_channels"), c.out_channels),
+             ("pos_embed_max_size", config.get("pos_embed_max_size"), c.pos_embed_max_size),
+             ("joint_attention_dim", config.get("joint_attention_dim"), c.context_dim),
+             ("pooled_projection_dim", config.get("pooled_projection_dim"), c.pooled_dim),
+             ("caption_projection_dim", config.get("caption_projection_dim"), c.hidden_size),
+             ("dual_attention_layers", config.get("dual_attention_layers"), list(c.dual_attention_layers)),
+             ("qk_norm", None if qk == "absent" else qk, "rms_norm" if c.qk_norm else None)]
+    if heads is not None and head_dim is not None:
+        pairs.append(("num_attention_heads x attention_head_dim", heads * head_dim, c.hidden_size))
+    if c.qk_norm and head_dim is not None:
+        pairs.append(("attention_head_dim", head_dim, c.head_dim))
+    weights.check_config(file, pairs, "transformer")
+    if heads is not None:
+        if not isinstance(heads, int) or heads < 1 or c.hidden_size % heads:
+            raise weights.WeightsError(f"{file}: num_attention_heads {heads!r} does not divide the "
+                                       f"width {c.hidden_size} of the weights; fix it or delete the file")
+        c = dataclasses.replace(c, num_heads=heads)
+    return c
 
 
 def _swap_halves(v):

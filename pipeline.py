@@ -128,11 +128,31 @@ def _vae_file(path, meta):
     return path
 
 
-def _text_encoder(path, meta, model):
+class MissingTextEncoder(UnavailableTextEncoder):
+    """Stands in for SD3 text encoders that could not be loaded (moved, or a folder without T5):
+    a checkpoint sampled from --cond needs none, encode() raises the reason, one line."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def encode(self, prompts):
+        raise self.error
+
+
+def _text_encoder(path, meta, model, text_encoder_path=None, no_t5=False):
     spec = _meta_json(meta, "text_encoder", path, {"name": "sd3"})
     name = spec.get("name") if isinstance(spec, dict) else None
+    if name == "sd3" and text_encoder_path:  # --text-encoders: the given file or folder instead
+        spec = {"name": "sd3", "file": os.path.abspath(text_encoder_path), "given": True}
+    if name == "sd3" and no_t5:
+        spec = {**spec, "t5": False}
     if name == "sd3":  # CLIP-L, CLIP-G (and T5-XXL) from the checkpoint or a file its metadata names
-        encoder = text_encoders.for_checkpoint(path, spec, context_dim=model.config.context_dim)
+        try:
+            encoder = text_encoders.for_checkpoint(path, spec, context_dim=model.config.context_dim)
+        except (FileNotFoundError, text_encoders.MissingT5Error) as e:
+            if spec.get("given"):
+                raise
+            return MissingTextEncoder(type(e)(*e.args))
         if encoder is not None and encoder.pooled_dim != model.config.pooled_dim:
             raise ValueError(f"{path}: its text encoders give pooled vectors of {encoder.pooled_dim} "
                              f"but the MMDiT takes {model.config.pooled_dim}")
@@ -148,19 +168,29 @@ def _text_encoder(path, meta, model):
     return encoder
 
 
-def text_encoder_spec(pipe):
+ENCODER_PATHS = ("file", "t5_vocab", "clip_vocab")  # the paths an SD3 text_encoder spec holds
+
+
+def text_encoder_spec(pipe, out=None):
     """The pipeline's text encoder as metadata for a checkpoint derived from it (a student in
     another folder): the shapes encoder as it is; SD3 encoders by the absolute paths of the
-    files that hold them."""
+    files that hold them and, with `out` (the folder the checkpoint goes to), the same paths
+    relative to it under "relative": a run folder moved together with its teacher (another
+    machine, another root) finds them there, one moved alone by the absolute paths."""
     spec = json.loads(pipe.metadata.get("text_encoder", '{"name": "sd3"}'))
     if spec.get("name") != "sd3" or isinstance(pipe.text_encoder, UnavailableTextEncoder):
         return spec
+    spec.pop("relative", None)
     path = os.path.abspath(pipe.path)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    for key in ("file", "t5_vocab", "clip_vocab"):
+    for key in ENCODER_PATHS:
         if spec.get(key):
             spec[key] = os.path.join(folder, spec[key])
-    return {**spec, "file": spec.get("file", path)}
+    spec = {**spec, "file": spec.get("file", path)}
+    if out is not None:
+        here = os.path.abspath(out)
+        spec["relative"] = {k: os.path.relpath(spec[k], here) for k in ENCODER_PATHS if spec.get(k)}
+    return spec
 
 
 def _check_model_file(path):
@@ -194,12 +224,39 @@ def _check_adapter_file(adapters):
                             "--lora run folder, or its adapters.safetensors)")
 
 
-def load_pipeline(ckpt, device="cpu", dtype=torch.float32, adapters=None):
+def _diffusers_defaults(path, vae):
+    """A diffusers folder's own sampling facts: its default size (transformer/config.json's
+    sample_size x the VAE factor, as diffusers' pipeline) and the scheduler's shift
+    (scheduler/scheduler_config.json) -> ({"shift": ...} or {}, [[w, h]] or None)."""
+    if not os.path.isdir(path):
+        return {}, None
+    config, _ = weights.diffusers_config(path, "transformer", ("sample_size",))
+    n = config.get("sample_size")
+    sizes = [[n * vae.config.factor] * 2] if isinstance(n, int) and n > 0 else None
+    sched = os.path.join(path, "scheduler", "scheduler_config.json")
+    defaults = {}
+    if os.path.isfile(sched):
+        try:
+            with open(sched) as f:
+                shift = json.load(f).get("shift")
+        except (ValueError, AttributeError):
+            raise ValueError(f"{sched}: not a JSON object; fix it or delete it") from None
+        if shift is not None:
+            defaults["shift"] = float(shift)
+    return defaults, sizes
+
+
+def load_pipeline(ckpt, device="cpu", dtype=torch.float32, adapters=None, text_encoders_path=None,
+                  no_t5=False):
     """Everything needed to sample from one checkpoint (see the module docstring for the
     metadata it reads). Model and VAE are in eval mode with requires_grad False. adapters: a LoRA
     adapter file or run folder (train_ladd.py --lora) merged into the checkpoint's weights (which
     must be the base they were trained on); its sampling defaults (a student's) replace the
-    checkpoint's. A tensor that is not finite, in any file read, is an error naming it."""
+    checkpoint's. A tensor that is not finite, in any file read, is an error naming it.
+    text_encoders_path: an SD3 file or diffusers folder holding the text encoders, instead of
+    those the checkpoint names (sample.py --text-encoders); no_t5: leave T5 out (zero rows).
+    SD3 text encoders that cannot be found are an error when prompts are encoded, not before
+    (precomputed --cond conditioning needs none)."""
     path = _checkpoint_file(ckpt)
     _check_model_file(path)
     if adapters:
@@ -214,12 +271,13 @@ def load_pipeline(ckpt, device="cpu", dtype=torch.float32, adapters=None):
     vae_path = _vae_file(path, meta)
     vae = VAE.from_pretrained(vae_path, device, dtype)
     weights.check_finite(vae.state_dict(), vae_path)
-    text_encoder = _text_encoder(path, meta, model).to(device)
-    defaults = {**DEFAULTS, **_meta_json(meta, "sampler", path, {})}
+    text_encoder = _text_encoder(path, meta, model, text_encoders_path, no_t5).to(device)
+    folder_defaults, folder_sizes = _diffusers_defaults(path, vae)
+    defaults = {**DEFAULTS, **folder_defaults, **_meta_json(meta, "sampler", path, {})}
     if "times" in defaults:  # a few-step student: its training times are its schedule
         defaults["times"] = flow.student_sigmas(defaults["times"])[:-1]
         defaults["steps"] = len(defaults["times"])
-    sizes = _meta_json(meta, "sizes", path, DEFAULT_SIZES)
+    sizes = _meta_json(meta, "sizes", path, folder_sizes or DEFAULT_SIZES)
     if not sizes or not all(isinstance(s, list) and len(s) == 2 and all(type(v) is int for v in s)
                             for s in sizes):
         raise ValueError(f"{path}: the 'sizes' metadata must be a list of [width, height], got {sizes!r}")

@@ -5,6 +5,7 @@ Text-to-image (and img2img) from a teacher or a student checkpoint.
     python sample.py --ckpt runs/student --steps 1 --prompt prompts.txt --out samples/student
     python sample.py --ckpt runs/teacher --init-image in.png --strength 0.6 --prompt "..."
     python sample.py --ckpt sd3_medium.safetensors --cond cond.safetensors   # precomputed text
+    python sample.py --ckpt runs/sd3 --text-encoders sd3-diffusers/ --prompt "..."  # moved run
     python sample.py --ckpt assets/shapes_teacher.safetensors --lora runs/lora/adapters.safetensors \
         --prompt "..."                                   # a teacher plus a LoRA student's adapters
 
@@ -49,6 +50,8 @@ class SampleConfig:
     overwrite: bool = False          # replace the earlier outputs in --out (else such a folder is refused)
     trajectory: bool = False         # also trajectory.png: each sample's x0 estimate at every step
     cond: str = None                 # context, pooled (uncond_*) file or shard folder, not prompts
+    text_encoders: str = None        # SD3: the file or diffusers folder with CLIP-L, CLIP-G, T5; None: the ckpt's
+    no_t5: bool = False              # SD3: encode without T5 (its context rows are zeros)
     device: str = "auto"             # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"              # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
     quiet: bool = False              # no progress bar and no messages
@@ -92,7 +95,11 @@ def run(c):
     init = images.load_image(c.init_image) if c.init_image else None
     device = cli.pick_device(c.device)
     dtype = cli.pick_dtype(c.dtype, device)
-    pipe = pipeline.load_pipeline(c.ckpt, device, dtype, adapters=c.lora)
+    if c.text_encoders and not os.path.exists(c.text_encoders):
+        raise FileNotFoundError(f"--text-encoders {c.text_encoders}: no such file or folder; pass "
+                                "the SD3 file or diffusers folder that holds CLIP-L, CLIP-G and T5")
+    pipe = pipeline.load_pipeline(c.ckpt, device, dtype, adapters=c.lora,
+                                  text_encoders_path=c.text_encoders, no_t5=c.no_t5)
     width = c.width or (init.shape[2] if init is not None else pipe.sizes[0][0])
     height = c.height or (init.shape[1] if init is not None else pipe.sizes[0][1])
     pipeline.check_size(pipe, width, height)
@@ -100,6 +107,12 @@ def run(c):
         init = images.load_image(c.init_image, width, height)
     strength = (0.6 if c.strength is None else c.strength) if init is not None else 1.0
     cond = pipeline.load_cond(c.cond) if c.cond else pipeline.encode(pipe, prompts)
+    got = (cond.context.shape[-1], cond.pooled.shape[-1])
+    want = (pipe.model.config.context_dim, pipe.model.config.pooled_dim)
+    if c.cond and got != want:
+        raise ValueError(f"--cond {c.cond}: (context, pooled) widths {got} but {c.ckpt} takes {want}: "
+                         "it was made with other text encoders than this model's; make it with "
+                         f"python text_encoders.py --ckpt <this model's SD3 file or folder> ...")
     earlier = images.check_out(c.out, c.overwrite)  # after loading: tests/test_docs.py runs up to it
     pipeline.check_seed(c.seed, len(cond))
     out = pipeline.generate(pipe, cond, width, height, steps=c.steps, cfg=c.cfg, shift=c.shift,

@@ -425,6 +425,35 @@ def load_encoder(state, name, source, overrides=None):
     return model.eval().requires_grad_(False)
 
 
+# transformers' config.json fields -> this project's config fields, per encoder kind
+_CLIP_JSON = {"vocab_size": "vocab_size", "hidden_size": "width", "intermediate_size": "mlp_dim",
+              "num_hidden_layers": "layers", "num_attention_heads": "heads",
+              "max_position_embeddings": "max_positions", "hidden_act": "act", "layer_norm_eps": "eps"}
+_T5_JSON = {"vocab_size": "vocab_size", "d_model": "d_model", "d_kv": "d_kv", "d_ff": "d_ff",
+            "num_layers": "layers", "num_heads": "heads", "relative_attention_num_buckets": "num_buckets",
+            "relative_attention_max_distance": "max_distance", "layer_norm_epsilon": "eps"}
+
+
+def _config_json(source, name):
+    """A diffusers text_encoder*/config.json (transformers' format) for encoder `name` ->
+    ({field: value} in this project's names, the file), or ({}, None) when there is none."""
+    config, file = weights.diffusers_config(source, DIFFUSERS_FOLDERS[name],
+                                            ("hidden_size", "d_model", "model_type"))
+    if file is None:
+        return {}, None
+    table = _T5_JSON if name == "t5xxl" else _CLIP_JSON
+    if name == "t5xxl" and config.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+        raise weights.WeightsError(f"{file}: feed_forward_proj is {config['feed_forward_proj']!r}; "
+                                   "SD3 uses T5 v1.1 (gated-gelu): pass SD3's text_encoder_3")
+    return {ours: config[theirs] for theirs, ours in table.items() if theirs in config}, file
+
+
+def _check_config_json(model, fields, file, name):
+    """config.json's fields that the shapes also tell must agree with the loaded weights."""
+    weights.check_config(file, [(f, v, getattr(model.config, f)) for f, v in fields.items()
+                                if f not in NOT_IN_SHAPES[name]], f"{name} text encoder")
+
+
 def _read(path, name, bare=False):
     """The tensors of component `name` (prefix stripped) in an SD3 single file, a diffusers
     folder (its text_encoder*/ subfolder) or a component folder itself; {} when it has none.
@@ -438,6 +467,16 @@ def _read(path, name, bare=False):
     if os.path.isdir(os.path.join(path, DIFFUSERS_FOLDERS[name])) or any(map(os.path.isfile, here)):
         return weights.load_diffusers(path, DIFFUSERS_FOLDERS[name], "model")
     return {}
+
+
+class MissingT5Error(weights.WeightsError):
+    """A diffusers folder without text_encoder_3/ (T5-XXL), T5 asked for."""
+
+
+def _is_diffusers(path):
+    path = os.fspath(path)
+    return os.path.isdir(path) and any(os.path.isdir(os.path.join(path, sub))
+                                       for sub in ("transformer", "text_encoder", "vae"))
 
 
 def has_text_encoders(path):
@@ -566,7 +605,17 @@ class SD3TextEncoder:
                 continue
             state = _read(source, name, bare=given[name] is not None)
             if state:
-                models[name] = load_encoder(state, name, source, hints.get(name))
+                fields, file = _config_json(source, name)  # a diffusers folder's config.json
+                overrides = {**(hints.get(name) or {}), **fields}
+                models[name] = load_encoder(state, name, source, overrides)
+                if file:
+                    _check_config_json(models[name], fields, file, name)
+            elif name == "t5xxl" and given[name] is None and _is_diffusers(source):
+                raise MissingT5Error(
+                    f"{source}: this diffusers folder has no {DIFFUSERS_FOLDERS[name]}/ (T5-XXL); to "
+                    "run without T5 pass --no-t5 to text_encoders.py or sample.py (its 77 context "
+                    "rows become zeros; train_ladd.py: --cond with conditioning made so), or put "
+                    f"the release's {DIFFUSERS_FOLDERS[name]}/ back")
         for name, flag in (("clip_l", "--clip-l"), ("clip_g", "--clip-g")):
             if name not in models:
                 raise weights.WeightsError(
@@ -683,15 +732,32 @@ def for_checkpoint(path, spec=None, context_dim=None):
     "clip_vocab": ..., "t5": false}; paths relative to the checkpoint's folder)."""
     spec = spec if isinstance(spec, dict) else {}
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    rel = lambda p: None if p is None else os.path.join(folder, p)  # noqa: E731
-    source = rel(spec.get("file")) or path
-    if spec.get("file") and not os.path.exists(source):
-        raise FileNotFoundError(f"{path}: its text encoders should be at {source} (metadata "
-                                f"text_encoder.file) but that file does not exist")
+    relative = spec.get("relative") if isinstance(spec.get("relative"), dict) else {}
+
+    def find(key):  # the path as written (absolute, or relative to the checkpoint), else "relative"'s
+        if not spec.get(key):
+            return None
+        places = [os.path.join(folder, spec[key])]
+        if isinstance(relative.get(key), str):
+            places.append(os.path.normpath(os.path.join(folder, relative[key])))
+        return next((p for p in places if os.path.exists(p)), places)
+
+    source = find("file") or path
+    if isinstance(source, list):
+        tried = " or ".join(dict.fromkeys(source))
+        raise FileNotFoundError(
+            f"{path}: its text encoders should be at {tried} (metadata text_encoder.file) but that "
+            "file does not exist (a run folder moved to another machine?); pass --text-encoders "
+            "PATH (the SD3 file or diffusers folder holding CLIP-L, CLIP-G and T5), or --cond "
+            "with precomputed conditioning")
+    vocab = {}
+    for key in ("t5_vocab", "clip_vocab"):
+        found = find(key)
+        vocab[key] = found[0] if isinstance(found, list) else found  # missing: its own error later
     if not has_text_encoders(source):
         return None
-    return SD3TextEncoder.from_pretrained(source, t5_vocab=rel(spec.get("t5_vocab")),
-                                          clip_vocab=rel(spec.get("clip_vocab")),
+    return SD3TextEncoder.from_pretrained(source, t5_vocab=vocab["t5_vocab"],
+                                          clip_vocab=vocab["clip_vocab"],
                                           use_t5=spec.get("t5", True), context_dim=context_dim)
 
 

@@ -463,10 +463,14 @@ class VAE(nn.Module):
             raise weights.WeightsError(
                 f"{path}: no VAE tensors (first_stage_model.*); the file looks like "
                 f"{weights.describe_keys(state)}. Pass a file that holds the VAE.")
+        diffusers_json = {}, None
         if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in vae_state):
             vae_state = from_diffusers(vae_state)
+            diffusers_json = weights.diffusers_config(path, "vae", ("latent_channels", "block_out_channels"))
         if config is None:
             config = VAEConfig.from_state_dict(vae_state, metadata, source=path)
+            if diffusers_json[1]:
+                config = config_from_diffusers_json(config, *diffusers_json)
         with torch.device("meta"):
             model = cls(config)
         weights.load_strict(model, vae_state, source=path, expect="an SD3-style VAE")
@@ -476,6 +480,31 @@ class VAE(nn.Module):
         """Original (bare) key names; the resolved config as JSON in the metadata."""
         meta = {**(metadata or {}), "kind": "vae", "config": json.dumps(asdict(self.config))}
         weights.save_file(self.state_dict(), path, meta)
+
+
+def config_from_diffusers_json(inferred, config, file):
+    """A diffusers AutoencoderKL config.json: its norm groups and latent scale and shift (which
+    the weights cannot tell) taken, the rest checked against what the weights imply."""
+    c = inferred
+    layers = config.get("layers_per_block")
+    weights.check_config(file, [
+        ("latent_channels", config.get("latent_channels"), c.z_channels),
+        ("in_channels", config.get("in_channels"), c.in_channels),
+        ("out_channels", config.get("out_channels"), c.out_channels),
+        ("block_out_channels", config.get("block_out_channels"), [c.ch * m for m in c.ch_mult]),
+        ("layers_per_block", layers, c.enc_res_blocks),
+        ("layers_per_block (+ 1 in the decoder)", None if layers is None else layers + 1,
+         c.dec_res_blocks),
+        ("mid_block_add_attention", config.get("mid_block_add_attention"), c.mid_attention)], "VAE")
+    if config.get("use_quant_conv") or config.get("use_post_quant_conv"):
+        raise weights.WeightsError(f"{file}: use_quant_conv / use_post_quant_conv are set: an SD1/SDXL-"
+                                   "style VAE; SD3's VAE has neither (pass an SD3 VAE)")
+    scale, shift = config.get("scaling_factor"), config.get("shift_factor")
+    groups = config.get("norm_num_groups", c.norm_groups)
+    return VAEConfig(**{**asdict(c), "norm_groups": groups,
+                        "scale": c.scale if scale is None else float(scale),
+                        "shift": 0.0 if shift is None and scale is not None else
+                        c.shift if shift is None else float(shift)})
 
 
 # ----------------------------------------------------------------------------------------------

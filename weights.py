@@ -357,6 +357,46 @@ def load_diffusers(path, subfolder, name="diffusion_pytorch_model"):
                             f"{folder} (expected a diffusers '{subfolder}/' folder)")
 
 
+def diffusers_config(path, subfolder, keys):
+    """The config.json of one component of a diffusers folder -> (dict, its path), or ({}, None)
+    when there is none. `path`: the diffusers folder, the component folder itself, or a weights
+    file inside the component folder (config.json beside it). A config.json holding none of
+    `keys` (the component's own fields) is another kind of file (e.g. a run's config) and ignored."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        folder = os.path.join(path, subfolder)
+        folder = folder if os.path.isdir(folder) else path
+    else:
+        folder = os.path.dirname(os.path.abspath(path))
+    file = os.path.join(folder, "config.json")
+    if not os.path.isfile(file):
+        return {}, None
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{file}: not valid JSON ({type(e).__name__}); fix it or delete it "
+                           "(the shapes of the weights then decide)") from None
+    if not isinstance(config, dict) or not any(k in config for k in keys):
+        return {}, None
+    return config, file
+
+
+def check_config(file, pairs, what):
+    """Each (field, value in config.json, value the weights imply) must agree, or one
+    WeightsError naming the field, both values and the fix. Fields absent from the file (None)
+    are not checked."""
+    for field, said, implied in pairs:
+        if said is None:
+            continue
+        same = (list(said) == list(implied) if isinstance(said, (list, tuple))
+                and isinstance(implied, (list, tuple)) else said == implied)
+        if not same:
+            raise WeightsError(f"{file}: {field} is {said!r} but the {what} weights beside it imply "
+                               f"{implied!r}; this config.json does not describe these weights: fix "
+                               f"{field} or delete the file (the shapes then decide)")
+
+
 # ----------------------------------------------------------------------------------------------
 # training state: nested dicts / lists of tensors and JSON values, as safetensors + JSON
 

@@ -1,0 +1,202 @@
+"""The real-SD3 path as a user tries it, on a tiny random SD3 (tests/tiny_sd3.py):
+
+  * the documented chain (docs/sd3.md, the block after its "chain" mark), run as written, one
+    subprocess per command: conditioning from prompts, train_ladd.py, sample.py, img2img;
+  * a finished run folder moved (teacher left behind; teacher moved with it, as on another
+    machine; teacher absent: --text-encoders) samples as before;
+  * bad inputs: one-line errors naming the input and the fix, nothing written;
+  * the diffusers and single-file layouts give the same models; config.json is read and checked;
+  * parity with diffusers' StableDiffusion3Pipeline (requirements-dev; skipped without it) for
+    SD3-Medium, SD3.5-Large (qk-norm) and SD3.5-Medium (MMDiT-X), and the intended differences.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import images
+import pipeline
+import sample
+import text_encoders as te
+import weights
+import tiny_sd3
+
+from conftest import expect_one_line_error, read_png
+
+ONE_THREAD = True
+REPO = Path(__file__).parent.parent
+DOC = REPO / "docs" / "sd3.md"
+MARK = "<!-- chain: tests/test_sd3_chain.py runs the next block -->"
+PROMPT = "a red circle on a blue background"
+
+
+def chain_commands(doc=DOC):
+    """The shell commands of the fenced block after MARK in docs/sd3.md, continuation lines
+    joined: what a user types, in order."""
+    text = doc.read_text()
+    assert text.count(MARK) == 1, f"{doc}: the chain mark {MARK!r} must appear once"
+    block = text.split(MARK, 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    return [c.strip() for c in block.replace("\\\n", " ").split("\n") if c.strip()]
+
+
+def run_as_user(command, cwd):
+    """One documented command in `cwd`, through bash, `python X.py` meaning this repository's
+    X.py run by this interpreter. -> (CompletedProcess, seconds)."""
+    script = f'python() {{ "$LADD_PYTHON" "$LADD_REPO/$1" "${{@:2}}"; }}\n{command}\n'
+    env = {**os.environ, "LADD_PYTHON": sys.executable, "LADD_REPO": str(REPO),
+           "OMP_NUM_THREADS": "1"}  # one thread: tiny models on a shared 2-core box
+    t0 = time.time()
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    return done, time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """The documented chain, run once in a fresh folder -> (folder, [(command, seconds)])."""
+    folder = tmp_path_factory.mktemp("user")
+    times = []
+    for command in chain_commands():
+        done, seconds = run_as_user(command, folder)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        times.append((command, round(seconds, 1)))
+    print("\nthe documented chain, seconds per command (2 shared CPU cores):")
+    for command, seconds in times:
+        print(f"  {seconds:5.1f}  {command[:100]}")
+    return folder, times
+
+
+def test_the_documented_chain_runs_as_written(chain):
+    folder, times = chain
+    assert [c.split()[1] for c in (c for c, _ in times) if c.startswith("python")] == [
+        "tests/tiny_sd3.py", "text_encoders.py", "train_ladd.py", "sample.py", "sample.py"]
+    # conditioning: two prompts, SD3's 154 tokens at the tiny T5's width, fp16 shards
+    names, cond = te.read_shards(folder / "cond")
+    assert names == [PROMPT, "the photo of a cat"]
+    assert cond["context"].shape == (2, 154, 192) and cond["pooled"].shape == (2, 128)
+    # the student: trained at the run's sizes, not the teacher's default (32x32 here, 1024 for SD3)
+    run = folder / "runs" / "tiny-sd3"
+    meta = weights.load_metadata(run / "model.safetensors")
+    assert json.loads(meta["sizes"]) == [[48, 32], [32, 48]]
+    assert json.loads(meta["sampler"])["times"] == [1.0, 0.75, 0.5, 0.25]
+    spec = json.loads(meta["text_encoder"])
+    assert spec["relative"] == {"file": "../../tiny-sd3"} and os.path.isabs(spec["file"])
+    # its grid drawn at the run's first size, 48x32: the same picture size as six 48x32 columns
+    probe = folder / "probe.png"
+    images.save_strip([[torch.zeros(3, 32, 48)] * 6] * 4, probe,
+                      labels=["teacher 28 steps, cfg 7", "teacher 4 steps, cfg 7", "student 4 steps",
+                              "student 1 step"])
+    assert read_png(run / "grid.png").shape == read_png(probe).shape
+    # samples at the student's first size; img2img keeps the input's size
+    for out in ("samples/tiny-sd3", "samples/tiny-sd3-img2img"):
+        image = read_png(folder / out / "000.png")
+        assert image.shape == (32, 48, 3) and image.std() > 0
+    config = json.loads((folder / "samples/tiny-sd3-img2img/config.json").read_text())
+    assert config["strength"] == 0.5 and len(config["sigmas"]) == 3   # 2 of the 4 student steps
+
+
+def _sample(ckpt, out, *extra):
+    sample.main(["--ckpt", str(ckpt), "--prompt", PROMPT, "--out", str(out), "--device", "cpu",
+                 "--quiet", *extra])
+    return read_png(Path(out) / "000.png")
+
+
+def test_a_moved_run_folder_samples_as_before(chain, tmp_path, capsys):
+    """The student names its teacher's text encoders by an absolute path and by one relative to
+    the run folder: moved alone it finds them by the first, moved with its teacher (another
+    machine's layout) by the second; with neither, one line names --text-encoders, which works."""
+    folder, _ = chain
+    want = _sample(folder / "runs" / "tiny-sd3", tmp_path / "here")
+    assert np.abs(want.astype(int) - read_png(folder / "samples/tiny-sd3/000.png")).max() <= 1
+    # 1. the run folder alone, elsewhere on this machine
+    alone = tmp_path / "elsewhere" / "my-run"
+    shutil.copytree(folder / "runs" / "tiny-sd3", alone)
+    assert np.array_equal(_sample(alone, tmp_path / "s1"), want)
+    # 2. teacher and run moved together under another root (the absolute path is gone)
+    other = tmp_path / "other-machine" / "home" / "me"
+    shutil.copytree(folder / "tiny-sd3", other / "tiny-sd3")
+    shutil.copytree(folder / "runs" / "tiny-sd3", other / "runs" / "tiny-sd3")
+    spec = json.loads(weights.load_metadata(other / "runs/tiny-sd3/model.safetensors")["text_encoder"])
+    hide = folder / "tiny-sd3-hidden"
+    os.rename(folder / "tiny-sd3", hide)                    # the old absolute path: gone
+    try:
+        assert not os.path.exists(spec["file"])
+        assert np.array_equal(_sample(other / "runs" / "tiny-sd3", tmp_path / "s2"), want)
+        # 3. the run alone where neither path holds the encoders: one line, nothing written
+        err = expect_one_line_error(sample.main, capsys, [
+            "--ckpt", str(alone), "--prompt", PROMPT, "--out", str(tmp_path / "s3"), "--device",
+            "cpu"], "--text-encoders", "tiny-sd3", "does not exist")
+        assert not os.path.exists(tmp_path / "s3"), err
+        # ... --cond needs no encoders, --text-encoders points at them
+        assert np.array_equal(_sample(alone, tmp_path / "s4", "--text-encoders",
+                                      str(other / "tiny-sd3")), want)
+    finally:
+        os.rename(hide, folder / "tiny-sd3")
+
+
+def _without(folder, tmp_path, missing):
+    """A copy of a diffusers folder (links to its parts) without the subfolder `missing`."""
+    copy = tmp_path / f"without-{missing}"
+    copy.mkdir()
+    for part in os.listdir(folder):
+        if part != missing:
+            os.symlink(folder / part, copy / part)
+    return copy
+
+
+def test_bad_inputs_are_one_line_errors_that_write_nothing(chain, tmp_path, capsys):
+    import train_ladd
+    folder, _ = chain
+    teacher = folder / "tiny-sd3"
+    out = tmp_path / "out"
+    # a diffusers folder without T5: say how to run without it
+    no_t5 = _without(teacher, tmp_path, "text_encoder_3")
+    expect_one_line_error(te.main, capsys, ["--ckpt", str(no_t5), "--prompts", PROMPT, "--out",
+                                            str(out), "--device", "cpu"],
+                          "text_encoder_3/", "--no-t5")
+    expect_one_line_error(sample.main, capsys, ["--ckpt", str(no_t5), "--prompt", PROMPT, "--out",
+                                                str(out), "--device", "cpu", "--width", "32"],
+                          "text_encoder_3/", "--no-t5")
+    assert not out.exists()
+    te.main(["--ckpt", str(no_t5), "--no-t5", "--prompts", PROMPT, "--out", str(out / "cond"),
+             "--device", "cpu", "--quiet"])                     # ... and the fix works
+    assert not te.read_shards(out / "cond")[1]["context"][:, 77:].any()
+    # a config.json that disagrees with the weights
+    bad = _without(teacher, tmp_path, "transformer")
+    shutil.copytree(teacher / "transformer", bad / "transformer", symlinks=True)
+    config = json.loads((bad / "transformer" / "config.json").read_text())
+    (bad / "transformer" / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
+    expect_one_line_error(sample.main, capsys, ["--ckpt", str(bad), "--prompt", PROMPT, "--out",
+                                                str(tmp_path / "o2"), "--device", "cpu"],
+                          "transformer/config.json", "num_layers is 3", "imply 2", "fix num_layers")
+    (bad / "transformer" / "config.json").write_text(json.dumps({**config, "attention_head_dim": 32}))
+    expect_one_line_error(sample.main, capsys, ["--ckpt", str(bad), "--prompt", PROMPT, "--out",
+                                                str(tmp_path / "o2"), "--device", "cpu"],
+                          "num_attention_heads x attention_head_dim is 64", "imply 128")
+    assert not (tmp_path / "o2").exists()
+    # conditioning made with other text encoders (SD3's real widths) than the teacher's
+    other = tmp_path / "other-cond"
+    te.save_shard(other / "cond-00000.safetensors", torch.zeros(2, 154, 4096), torch.zeros(2, 2048),
+                  torch.zeros(1, 154, 4096), torch.zeros(1, 2048), ["a", "b"])
+    run = tmp_path / "run"
+    expect_one_line_error(train_ladd.main, capsys, [
+        "--preset", "test", "--teacher", str(teacher), "--cond", str(other), "--out", str(run),
+        "--data-sizes", "48x32,32x48", "--data-dir", str(tmp_path / "data"), "--device", "cpu"],
+        "--cond", "(4096, 2048)", "(192, 128)")
+    expect_one_line_error(sample.main, capsys, ["--ckpt", str(teacher), "--cond", str(other),
+                                                "--out", str(tmp_path / "o3"), "--device", "cpu"],
+                          "--cond", "(4096, 2048)", "(192, 128)", "python text_encoders.py --ckpt")
+    assert not run.exists() and not (tmp_path / "data").exists() and not (tmp_path / "o3").exists()
+    # --text-encoders that does not exist
+    expect_one_line_error(sample.main, capsys, ["--ckpt", str(teacher), "--prompt", PROMPT,
+                                                "--text-encoders", str(tmp_path / "nowhere"),
+                                                "--out", str(tmp_path / "o4"), "--device", "cpu"],
+                          "--text-encoders", "nowhere")
+    assert not (tmp_path / "o4").exists()
