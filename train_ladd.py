@@ -111,7 +111,7 @@ class Config:  # pragma: no mutate block (settings, not the method: docs/develop
 PRESETS = {
     "default": {},                                           # plain LADD
     "pairs": dict(pair_weight=30.0, pair_steps=1600),        # + DMD's pairs in the first half
-    "test": dict(data_size=12, steps=4, batch_size=4, warmup=1, log_every=1, grid_every=0,
+    "test": dict(data_size=8, steps=4, batch_size=2, warmup=1, log_every=1, grid_every=0,
                  ckpt_every=2, judge_n=4),
 }
 # options a resumed run may change; every other one must equal the run's saved config
