@@ -200,3 +200,160 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(chain, tmp_path, caps
                                                 "--out", str(tmp_path / "o4"), "--device", "cpu"],
                           "--text-encoders", "nowhere")
     assert not (tmp_path / "o4").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the two layouts and config.json; parity with diffusers
+
+VARIANTS = list(tiny_sd3.VARIANTS)  # sd3-medium, sd3.5-large (qk-norm), sd3.5-medium (MMDiT-X)
+PROMPTS = [PROMPT, "the photo of a cat"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """{variant: (diffusers folder, single file)}: the same random weights in both layouts."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for variant in VARIANTS:
+        models = tiny_sd3.build_models(variant)
+        out[variant] = (tiny_sd3.write_diffusers(root / variant, models),
+                        tiny_sd3.write_single(root / f"{variant}-single" / "sd3.safetensors", models))
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_diffusers_folder_and_the_single_file_are_the_same_model(tiny, variant):
+    folder, single = tiny[variant]
+    a, b = pipeline.load_pipeline(folder), pipeline.load_pipeline(single)
+    assert a.model.config == b.model.config == tiny_sd3.mmdit_config(variant)
+    assert a.vae.config == b.vae.config == tiny_sd3.VAE
+    assert (a.sizes, b.sizes) == ([(32, 32)], [(1024, 1024)])  # sample_size x 8; a bare file: SD3's
+    ca, cb = pipeline.encode(a, PROMPTS), pipeline.encode(b, PROMPTS)
+    assert torch.equal(ca.context, cb.context) and torch.equal(ca.pooled, cb.pooled)
+    la = pipeline.generate(a, ca, 32, 32, steps=2, progress=False, decode=False)
+    lb = pipeline.generate(b, cb, 32, 32, steps=2, progress=False, decode=False)
+    assert torch.allclose(la, lb, atol=1e-6, rtol=0)
+
+
+def test_config_json_gives_the_heads_the_weights_cannot_tell(tiny, tmp_path):
+    """Without qk-norm the weights do not say how many heads: the diffusers folder's config.json
+    does (4 heads of 32 here, a different model from SD3's rule of 64-dim heads), and for a
+    qk-norm model it is checked against the norms' width."""
+    import mmdit
+    for variant, heads in (("sd3-medium", 4), ("sd3.5-large", 4)):
+        folder = Path(tiny[variant][0])
+        copy = tmp_path / variant
+        shutil.copytree(folder / "transformer", copy)
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps(
+            {**config, "num_attention_heads": heads, "attention_head_dim": 128 // heads}))
+        if variant == "sd3-medium":
+            four, two = mmdit.MMDiT.from_pretrained(copy), mmdit.MMDiT.from_pretrained(folder)
+            assert (four.config.num_heads, two.config.num_heads) == (4, 2)
+            x, t = torch.randn(1, 16, 4, 4), torch.tensor([0.7])
+            c, y = torch.randn(1, 154, 192), torch.randn(1, 128)
+            with torch.no_grad():
+                assert (four(x, t, c, y) - two(x, t, c, y)).abs().max() > 1e-3
+        else:
+            with pytest.raises(weights.WeightsError, match="attention_head_dim is 32 but the "
+                               "transformer weights beside it imply 64"):
+                mmdit.MMDiT.from_pretrained(copy)
+
+
+_LOADED = {}
+
+
+def _diffusers_pipe(folder):
+    """diffusers' StableDiffusion3Pipeline on the folder, float32, quiet (loaded once a folder)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    if str(folder) not in _LOADED:
+        for lib in (diffusers, transformers):
+            lib.utils.logging.set_verbosity_error()
+            lib.utils.logging.disable_progress_bar()
+        pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(folder), dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        _LOADED[str(folder)] = pipe
+    return _LOADED[str(folder)]
+
+
+def _errors(ours, theirs):
+    ours, theirs = ours.detach(), theirs.detach()
+    d = (ours.double() - theirs.double())
+    return float(d.abs().max()), float(d.norm() / theirs.double().norm())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_end_to_end_equals_diffusers_stable_diffusion3_pipeline(tiny, variant):
+    """The folder through this project and through diffusers' StableDiffusion3Pipeline: prompt
+    embeddings (T5 at 77 tokens, as here), then 4 guided steps (cfg 7, shift 3: the folder's
+    defaults) from the same noise (this project's seeded noise given to diffusers as `latents`),
+    final latents and decoded images: max abs error < 1e-4 each."""
+    folder = tiny[variant][0]
+    theirs = _diffusers_pipe(folder)
+    ours = pipeline.load_pipeline(folder)
+    cond = pipeline.encode(ours, PROMPTS)
+    context, uncond_context, pooled, uncond_pooled = theirs.encode_prompt(
+        prompt=PROMPTS, prompt_2=None, prompt_3=None, negative_prompt="",
+        do_classifier_free_guidance=True, max_sequence_length=77)
+    report = {"context": _errors(cond.context, context), "pooled": _errors(cond.pooled, pooled),
+              "uncond context": _errors(cond.uncond_context, uncond_context[:1]),
+              "uncond pooled": _errors(cond.uncond_pooled, uncond_pooled[:1])}
+    noise = pipeline.flow.seeded_noise([0, 1], (16, 4, 4), "cpu")         # [2, 16, 4, 4]
+    latents = pipeline.generate(ours, cond, 32, 32, steps=4, seed=0, progress=False, decode=False)
+    with torch.no_grad():
+        want = theirs(prompt=PROMPTS, negative_prompt="", num_inference_steps=4, height=32,
+                      width=32, latents=noise.clone(), max_sequence_length=77,
+                      output_type="latent").images
+        vae = theirs.vae
+        image = vae.decode(want / vae.config.scaling_factor + vae.config.shift_factor).sample
+    report["latents"] = _errors(latents, want)
+    report["images"] = _errors(ours.vae.decode(latents) / 2 + 0.5, (image / 2 + 0.5).clamp(0, 1))
+    print(f"\n{variant} vs diffusers (max abs, relative):",
+          {k: (f"{a:.1e}", f"{r:.1e}") for k, (a, r) in report.items()})
+    assert ours.defaults["shift"] == theirs.scheduler.config.shift == 3.0
+    assert latents.abs().max() > 1 and 0 < image.abs().max() < 1    # nothing vanishes or clamps
+    for name, (max_abs, _) in report.items():
+        assert max_abs < 1e-4, (name, report)
+
+
+def test_clip_g_differs_from_diffusers_on_a_literal_bang_because_diffusers_tokenizer_2_pads_with_it(tiny):
+    """The release's tokenizer_2 has pad_token "!", so transformers splits every literal "!" in
+    a prompt out as a pad token (id 0) before BPE; this project tokenizes CLIP-G like CLIP-L, as
+    the SD3 reference does. Prompts without "!" agree (the test above)."""
+    folder = tiny["sd3-medium"][0]
+    theirs = _diffusers_pipe(folder)
+    ours = pipeline.load_pipeline(folder)
+    prompt = "a red cat!! on a blue background"
+    want = theirs.tokenizer_2([prompt], padding="max_length", max_length=77,
+                              truncation=True, return_tensors="pt").input_ids
+    got = ours.text_encoder.clip_tokenizer([prompt], 0)
+    l_ids = theirs.tokenizer([prompt], padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+    assert torch.equal(ours.text_encoder.clip_tokenizer([prompt], 49407), l_ids)  # CLIP-L agrees
+    end = int((want[0] == 49407).nonzero()[0])
+    assert (want[0, :end] == 0).sum() == 2 and not (got[0, :end] == 0).any()  # "!!": two pads
+    context, _, pooled, _ = theirs.encode_prompt(prompt=[prompt], prompt_2=None, prompt_3=None,
+                                                 do_classifier_free_guidance=False,
+                                                 max_sequence_length=77)
+    cond = pipeline.encode(ours, [prompt])
+    L, G = tiny_sd3.CLIP_L.width, tiny_sd3.CLIP_G.width
+    assert _errors(cond.context[:, :77, :L], context[:, :77, :L])[0] < 1e-4      # CLIP-L rows
+    assert _errors(cond.context[:, 77:], context[:, 77:])[0] < 1e-4              # T5 rows
+    assert _errors(cond.context[:, :77, L:L + G], context[:, :77, L:L + G])[0] > 1e-2  # CLIP-G
+    assert _errors(cond.pooled[:, L:], pooled[:, L:])[0] > 1e-2
+
+
+def test_t5_gets_77_tokens_as_in_the_sd3_reference_not_diffusers_default_256(tiny):
+    """diffusers' default max_sequence_length is 256: a 77 + 256 = 333-token context whose T5
+    rows differ too (T5 attends over its padding); this project keeps the reference's 77 (154
+    tokens, batches stack). With max_sequence_length=77 the two agree (the parity test)."""
+    folder = tiny["sd3-medium"][0]
+    theirs = _diffusers_pipe(folder)
+    ours = pipeline.load_pipeline(folder)
+    context, *_ = theirs.encode_prompt(prompt=[PROMPT], prompt_2=None, prompt_3=None,
+                                       do_classifier_free_guidance=False)
+    cond = pipeline.encode(ours, [PROMPT])
+    assert context.shape == (1, 333, 192) and cond.context.shape == (1, 154, 192)
+    assert _errors(cond.context[:, :77], context[:, :77])[0] < 1e-4           # the CLIP rows
+    assert _errors(cond.context[:, 77:], context[:, 77:154])[0] > 1e-3        # T5 rows differ

@@ -70,10 +70,11 @@ def _randomize(module, seed):
     """Seeded random weights that keep activations O(1): matrices ~ N(0, 1/fan_in), norm scales
     ~ 1 + N(0, 0.1), other vectors ~ N(0, 0.02). Fixed buffers (MMDiT's pos_embed) are kept."""
     g = torch.Generator().manual_seed(seed)
+    tables = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, torch.nn.Embedding)}
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.dim() >= 2:
-                fan_in = p[0].numel() if "embed" not in name else 1
+                fan_in = 1 if name in tables else p[0].numel()  # lookup tables: N(0, 1)
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
             elif "norm" in name or name.endswith(("ln_q.weight", "ln_k.weight", "layer_norm.weight")):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
@@ -91,6 +92,8 @@ def build_models(variant="sd3-medium", seed=0):
               "t5xxl": te.T5Encoder(T5)}
     for i, m in enumerate(models.values()):
         _randomize(m, 1000 * seed + i)
+    with torch.no_grad():  # images mostly inside [-1, 1], not clamped (comparisons then mean something)
+        models["vae"].decoder.conv_out.weight.mul_(0.1)
     return models
 
 
