@@ -107,9 +107,12 @@ def _checkpoint_file(ckpt):
     if not os.path.isdir(ckpt):
         return ckpt
     inside = os.path.join(ckpt, "model.safetensors")
-    if os.path.isfile(inside) or not os.path.isdir(os.path.join(ckpt, "transformer")):
-        return inside  # a missing file gives weights' "no such file" error, naming it
-    return ckpt
+    if os.path.isfile(inside) or os.path.isdir(os.path.join(ckpt, "transformer")):
+        return inside if os.path.isfile(inside) else ckpt
+    if text_encoders._is_diffusers(ckpt) or os.path.isfile(os.path.join(ckpt, "model_index.json")):
+        raise FileNotFoundError(f"{ckpt}: a diffusers folder without transformer/ (the MMDiT); put "
+                                "the release's transformer/ back, or pass a run folder or an SD3 file")
+    return inside  # a missing file gives weights' "no such file" error, naming it
 
 
 def _vae_file(path, meta):

@@ -353,6 +353,9 @@ def load_diffusers(path, subfolder, name="diffusion_pytorch_model"):
         for shard in shards:
             state.update(load_file(os.path.join(folder, shard)))
         return state
+    if folder == path and os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"{path}: a diffusers folder without {subfolder}/; put the "
+                                f"release's {subfolder}/ back (with its {name}.safetensors)")
     raise FileNotFoundError(f"{path}: no {name}.safetensors or {name}.safetensors.index.json in "
                             f"{folder} (expected a diffusers '{subfolder}/' folder)")
 

@@ -141,9 +141,9 @@ def test_a_moved_run_folder_samples_as_before(chain, tmp_path, capsys):
         os.rename(hide, folder / "tiny-sd3")
 
 
-def _without(folder, tmp_path, missing):
+def _without(folder, tmp_path, missing, name=None):
     """A copy of a diffusers folder (links to its parts) without the subfolder `missing`."""
-    copy = tmp_path / f"without-{missing}"
+    copy = tmp_path / (name or f"without-{missing}")
     copy.mkdir()
     for part in os.listdir(folder):
         if part != missing:
@@ -168,8 +168,15 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(chain, tmp_path, caps
     te.main(["--ckpt", str(no_t5), "--no-t5", "--prompts", PROMPT, "--out", str(out / "cond"),
              "--device", "cpu", "--quiet"])                     # ... and the fix works
     assert not te.read_shards(out / "cond")[1]["context"][:, 77:].any()
+    # ... without its MMDiT or its VAE
+    for part in ("transformer", "vae"):
+        expect_one_line_error(sample.main, capsys, [
+            "--ckpt", str(_without(teacher, tmp_path, part)), "--prompt", PROMPT, "--out",
+            str(tmp_path / "o1"), "--device", "cpu"], f"a diffusers folder without {part}/",
+            "put the release's")
+    assert not (tmp_path / "o1").exists()
     # a config.json that disagrees with the weights
-    bad = _without(teacher, tmp_path, "transformer")
+    bad = _without(teacher, tmp_path, "transformer", "bad-config")
     shutil.copytree(teacher / "transformer", bad / "transformer", symlinks=True)
     config = json.loads((bad / "transformer" / "config.json").read_text())
     (bad / "transformer" / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
