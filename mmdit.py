@@ -476,7 +476,7 @@ def config_from_diffusers_json(inferred, config, file):
              ("pooled_projection_dim", config.get("pooled_projection_dim"), c.pooled_dim),
              ("caption_projection_dim", config.get("caption_projection_dim"), c.hidden_size),
              ("dual_attention_layers", config.get("dual_attention_layers"), list(c.dual_attention_layers)),
-             ("qk_norm", None if qk == "absent" else qk, "rms_norm" if c.qk_norm else None)]
+             ("qk_norm", None if qk == "absent" else qk or "null", "rms_norm" if c.qk_norm else "null")]
     if heads is not None and head_dim is not None:
         pairs.append(("num_attention_heads x attention_head_dim", heads * head_dim, c.hidden_size))
     if c.qk_norm and head_dim is not None:

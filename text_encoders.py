@@ -41,6 +41,7 @@ Choices where the published implementations differ (sd3_spec.md 3.4-3.5):
 import json
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -450,7 +451,8 @@ def _config_json(source, name):
 
 def _check_config_json(model, fields, file, name):
     """config.json's fields that the shapes also tell must agree with the loaded weights."""
-    weights.check_config(file, [(f, v, getattr(model.config, f)) for f, v in fields.items()
+    theirs = {ours: json_name for json_name, ours in (_T5_JSON if name == "t5xxl" else _CLIP_JSON).items()}
+    weights.check_config(file, [(theirs[f], v, getattr(model.config, f)) for f, v in fields.items()
                                 if f not in NOT_IN_SHAPES[name]], f"{name} text encoder")
 
 
@@ -616,6 +618,12 @@ class SD3TextEncoder:
                     "run without T5 pass --no-t5 to text_encoders.py or sample.py (its 77 context "
                     "rows become zeros; train_ladd.py: --cond with conditioning made so), or put "
                     f"the release's {DIFFUSERS_FOLDERS[name]}/ back")
+        proj = getattr(models.get("clip_l"), "text_projection", None)
+        if proj is not None and not torch.equal(proj.weight.float(), torch.eye(*proj.weight.shape)):
+            print(f"note: {ckpt or clip_l}: CLIP-L has a text_projection that is not the identity; "
+                  "SD3 uses CLIP-L's pooled output unprojected (the reference, and diffusers for "
+                  "single files), as this project does, while diffusers' pipeline would project it "
+                  "with this folder", file=sys.stderr)
         for name, flag in (("clip_l", "--clip-l"), ("clip_g", "--clip-g")):
             if name not in models:
                 raise weights.WeightsError(

@@ -168,6 +168,7 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(chain, tmp_path, caps
     te.main(["--ckpt", str(no_t5), "--no-t5", "--prompts", PROMPT, "--out", str(out / "cond"),
              "--device", "cpu", "--quiet"])                     # ... and the fix works
     assert not te.read_shards(out / "cond")[1]["context"][:, 77:].any()
+    assert _sample(no_t5, out / "s", "--no-t5", "--width", "32").shape == (32, 32, 3)
     # ... without its MMDiT or its VAE
     for part in ("transformer", "vae"):
         expect_one_line_error(sample.main, capsys, [
@@ -265,6 +266,35 @@ def test_config_json_gives_the_heads_the_weights_cannot_tell(tiny, tmp_path):
             with pytest.raises(weights.WeightsError, match="attention_head_dim is 32 but the "
                                "transformer weights beside it imply 64"):
                 mmdit.MMDiT.from_pretrained(copy)
+    # the VAE's and the text encoders' config.json: read (scale, heads) and checked the same way
+    import vae as vae_lib
+    folder = Path(tiny["sd3-medium"][0])
+    for part, change, message in [
+            ("vae", {"scaling_factor": 2.0}, None),
+            ("vae", {"latent_channels": 4}, "latent_channels is 4 but the VAE weights beside it imply 16"),
+            ("text_encoder_2", {"num_attention_heads": 4}, None),
+            ("text_encoder_2", {"num_hidden_layers": 3},
+             "num_hidden_layers is 3 but the clip_g text encoder weights beside it imply 2")]:
+        copy = tmp_path / f"{part}-{next(iter(change))}"
+        shutil.copytree(folder / part, copy)
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, **change}))
+        if part == "vae":
+            load = lambda: vae_lib.VAE.from_pretrained(copy)  # noqa: E731
+        else:
+            load = lambda: te.load_encoder(weights.load_file(copy / "model.safetensors"), "clip_g",  # noqa: E731
+                                           str(copy), te._config_json(copy, "clip_g")[0])
+        if message:
+            with pytest.raises(weights.WeightsError, match=message):
+                if part == "vae":
+                    load()
+                else:
+                    te.SD3TextEncoder.from_pretrained(clip_l=folder / "text_encoder", clip_g=copy,
+                                                      use_t5=False)
+        elif part == "vae":
+            assert load().config.scale == 2.0
+        else:
+            assert load().config.heads == 4
 
 
 _LOADED = {}
@@ -364,3 +394,20 @@ def test_t5_gets_77_tokens_as_in_the_sd3_reference_not_diffusers_default_256(tin
     assert context.shape == (1, 333, 192) and cond.context.shape == (1, 154, 192)
     assert _errors(cond.context[:, :77], context[:, :77])[0] < 1e-4           # the CLIP rows
     assert _errors(cond.context[:, 77:], context[:, 77:154])[0] > 1e-3        # T5 rows differ
+
+
+def test_a_clip_l_projection_that_is_not_the_identity_is_noted(tiny, tmp_path, capsys):
+    """SD3 uses CLIP-L's pooled output unprojected; diffusers projects it with text_encoder/'s
+    text_projection (the identity in the tiny folder, and what diffusers itself puts there for a
+    single file). A folder whose projection is something else would make the two differ: said."""
+    folder = Path(tiny["sd3-medium"][0])
+    te.SD3TextEncoder.from_pretrained(clip_l=folder / "text_encoder", clip_g=folder / "text_encoder_2",
+                                      use_t5=False)
+    assert "text_projection" not in capsys.readouterr().err
+    copy = tmp_path / "text_encoder"
+    shutil.copytree(folder / "text_encoder", copy)
+    state = dict(weights.load_file(copy / "model.safetensors"))
+    state["text_projection.weight"] = 2 * state["text_projection.weight"]
+    weights.save_file(state, copy / "model.safetensors")
+    te.SD3TextEncoder.from_pretrained(clip_l=copy, clip_g=folder / "text_encoder_2", use_t5=False)
+    assert "CLIP-L has a text_projection that is not the identity" in capsys.readouterr().err
