@@ -130,6 +130,8 @@ def load_teacher(cfg, device, amp):
     if cfg.data == "real" and not pipeline.is_shapes(pipe):
         raise ValueError(f"--data real renders shapes-world captions, and --teacher {cfg.teacher} "
                          f"is not a shapes world model; pass --data synthetic (its own samples)")
+    if not cfg.cond and isinstance(pipe.text_encoder, pipeline.UnavailableTextEncoder):
+        pipe.text_encoder.encode([""])  # raises why prompts cannot be encoded, before any writing
     return pipe
 
 

@@ -164,6 +164,10 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(chain, tmp_path, caps
     expect_one_line_error(sample.main, capsys, ["--ckpt", str(no_t5), "--prompt", PROMPT, "--out",
                                                 str(out), "--device", "cpu", "--width", "32"],
                           "text_encoder_3/", "--no-t5")
+    expect_one_line_error(train_ladd.main, capsys, [
+        "--preset", "test", "--teacher", str(no_t5), "--prompts", PROMPT, "--out", str(out),
+        "--data-sizes", "48x32,32x48", "--data-dir", str(out / "data"), "--device", "cpu"],
+        "text_encoder_3/", "--no-t5", "--cond")
     assert not out.exists()
     te.main(["--ckpt", str(no_t5), "--no-t5", "--prompts", PROMPT, "--out", str(out / "cond"),
              "--device", "cpu", "--quiet"])                     # ... and the fix works
