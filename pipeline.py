@@ -192,7 +192,10 @@ def text_encoder_spec(pipe, out=None):
     spec = {**spec, "file": spec.get("file", path)}
     if out is not None:
         here = os.path.abspath(out)
-        spec["relative"] = {k: os.path.relpath(spec[k], here) for k in ENCODER_PATHS if spec.get(k)}
+        try:
+            spec["relative"] = {k: os.path.relpath(spec[k], here) for k in ENCODER_PATHS if spec.get(k)}
+        except ValueError:  # another drive (Windows): no relative path exists
+            pass
     return spec
 
 
