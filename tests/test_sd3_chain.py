@@ -102,6 +102,11 @@ def test_the_documented_chain_runs_as_written(chain):
     assert config["strength"] == 0.5 and len(config["sigmas"]) == 3   # 2 of the 4 student steps
 
 
+def cli_device():
+    import cli
+    return cli.pick_device("auto").type
+
+
 def _sample(ckpt, out, *extra):
     sample.main(["--ckpt", str(ckpt), "--prompt", PROMPT, "--out", str(out), "--device", "cpu",
                  "--quiet", *extra])
@@ -114,7 +119,8 @@ def test_a_moved_run_folder_samples_as_before(chain, tmp_path, capsys):
     machine's layout) by the second; with neither, one line names --text-encoders, which works."""
     folder, _ = chain
     want = _sample(folder / "runs" / "tiny-sd3", tmp_path / "here")
-    assert np.abs(want.astype(int) - read_png(folder / "samples/tiny-sd3/000.png")).max() <= 1
+    if cli_device() == "cpu":  # the documented command ran on the CPU too (else: CUDA, bf16)
+        assert np.abs(want.astype(int) - read_png(folder / "samples/tiny-sd3/000.png")).max() <= 1
     # 1. the run folder alone, elsewhere on this machine
     alone = tmp_path / "elsewhere" / "my-run"
     shutil.copytree(folder / "runs" / "tiny-sd3", alone)
