@@ -12,6 +12,7 @@ A grader never writes the answer itself: a copy holds no solution (tests/test_ex
 """
 
 import dataclasses
+import inspect
 import math
 import os
 import re
@@ -139,6 +140,16 @@ def save_reference(tensors):
                       {"made_by": "python exercises/exercises.py record"})
 
 
+def untouched(m, module, function, *args):
+    """Call m.module.function(*args) and check that it left every argument as it was."""
+    before = [x.clone() for x in args]
+    getattr(getattr(m, module), function)(*args)
+    for i, (x, y) in enumerate(zip(args, before)):
+        assert torch.equal(x, y), (
+            f"{function} changed its argument {i + 1} in place (an in-place op such as sub_, "
+            f"mul_, masked_fill_ or +=): the caller still needs it, and autograd may too")
+
+
 def keeps_dtype(out, dtype, what):
     assert torch.is_tensor(out), f"{what}: got a {type(out).__name__}, want a tensor"
     assert out.dtype == dtype, (
@@ -213,6 +224,15 @@ def _(m, ref):
     close(v.grad, -slope, "d x0_from_v / d v (want -t for sample i)")
 
 
+@check("flow-noising", "the inputs are left as they were (no in-place edits)")
+def _(m, ref):
+    untouched(m, "flow", "add_noise", randn(2, 3, 4, 4, seed=0), randn(2, 3, 4, 4, seed=1),
+              torch.tensor([0.25, 0.75]))
+    untouched(m, "flow", "velocity_target", randn(2, 3, 4, 4, seed=0), randn(2, 3, 4, 4, seed=1))
+    untouched(m, "flow", "x0_from_v", randn(2, 3, 4, 4, seed=0), randn(2, 3, 4, 4, seed=1),
+              torch.tensor([0.25, 0.75]))
+
+
 # ----------------------------------------------------------------------------------------------
 # sd3-schedule
 
@@ -264,8 +284,10 @@ def _(m, ref):
 
 @check("sd3-schedule", "sd3_sigmas(28, 3.0) and sd3_sigmas(3, 1.0) equal the reference")
 def _(m, ref):
-    ref.expect("sigmas_28", torch.tensor(m.flow.sd3_sigmas(28, 3.0)), "sd3_sigmas(28, 3.0)")
-    ref.expect("sigmas_3", torch.tensor(m.flow.sd3_sigmas(3, 1.0)), "sd3_sigmas(3, 1.0)")
+    # float64 arithmetic (the docstring's) rounded to float32 is the same on every machine
+    ref.expect("sigmas_28", torch.tensor(m.flow.sd3_sigmas(28, 3.0)), "sd3_sigmas(28, 3.0)", 1,
+               hint="the timesteps not in float64")
+    ref.expect("sigmas_3", torch.tensor(m.flow.sd3_sigmas(3, 1.0)), "sd3_sigmas(3, 1.0)", 1)
 
 
 @check("sd3-schedule", "bad arguments: ValueError for steps 0, -1 or 2.5 and for shift 0 or -1")
@@ -322,10 +344,11 @@ def _(m, ref):
 
 @check("timestep-embedding", "dim 4: [cos t, cos t/100, sin t, sin t/100]")
 def _(m, ref):
-    t = torch.tensor([3.0, 250.0])
+    t = torch.tensor([3.0, 123.456, 250.0])
     want = torch.stack([torch.cos(t), torch.cos(t / 100), torch.sin(t), torch.sin(t / 100)], 1)
     close(m.mmdit.timestep_embedding(t, dim=4), want, "timestep_embedding(t, dim=4)",
-          8 * EPS * 250, "sines before cosines; frequencies over dim instead of half")
+          8 * EPS * 250, "sines before cosines; frequencies over dim instead of half; t "
+          "rounded (to fp16 or an integer) before the product")
 
 
 @check("timestep-embedding", "dim 6 and max_period 100 change the frequencies as the docstring says")
@@ -433,7 +456,7 @@ def _head(m, seed=20, zero=None):
     if zero is not None:
         torch.nn.init.zeros_(getattr(head, zero).weight)
         torch.nn.init.zeros_(getattr(head, zero).bias)
-    return head, randn(2, 16, 3, 5, seed=4), torch.tensor([0.2, 0.7]), randn(2, 6, seed=5)
+    return head, randn(2, 16, 3, 5, seed=4), torch.tensor([0.2123, 0.7071]), randn(2, 6, seed=5)
 
 
 @check("discriminator-head", "a fresh head says 0 (logit_out and proj_embed start at zero)")
@@ -488,6 +511,20 @@ def _(m, ref):
         close(one, head(x, t_hat, pooled)[:1], f"one sample's logit on {what} against the same "
               f"sample in a batch of 2", model_tol(one), "a .squeeze() that drops the batch or a spatial "
               "dimension, so the mean runs over the wrong ones")
+
+
+@check("discriminator-head", "inputs of the wrong shape: ValueError (check_inputs first)")
+def _(m, ref):
+    head, x, t_hat, pooled = _head(m)
+    for what, args in (("t_hat [1] for 2 samples", (x, t_hat[:1], pooled)),
+                       ("pooled [1, 6] for 2 samples", (x, t_hat, pooled[:1])),
+                       ("features [2, 8, 3, 5]", (x[:, :8], t_hat, pooled))):
+        try:
+            head(*args)
+        except ValueError:
+            continue
+        raise AssertionError(f"the head accepted {what}; call self.check_inputs(x, t_hat, pooled) "
+                             f"first (broadcasting would give a silently wrong answer)")
 
 
 @check("discriminator-head", "the student's gradient reaches the features through the head")
@@ -643,6 +680,13 @@ def _(m, ref):
     close(x.grad, torch.ones_like(x), "d with_known / d x")
 
 
+@check("inpainting-input", "the inputs are left as they were (no in-place edits)")
+def _(m, ref):
+    untouched(m, "inpainting", "known_channels", randn(2, 4, 3, 5, seed=0),
+              (randn(2, 1, 3, 5, seed=1) > 0).float())
+    untouched(m, "inpainting", "with_known", randn(2, 4, 3, 5, seed=2), randn(2, 5, 3, 5, seed=3))
+
+
 @check("inpainting-input", "an inpainting MMDiT on [x | mask | known latent] gives the reference velocity")
 def _(m, ref):
     cfg = m.mmdit.CONFIGS["test"]
@@ -664,10 +708,11 @@ HINT_STEP = ("the fake batch built from b.eps or b.t instead of b.eps_fake and b
 CRASH_STEP = ("'does not require grad': the loss has no graph to the student (x0_hat or the "
               "fake batch detached, the teacher under no_grad, a hinge loss without a graph); "
               "a size mismatch: the student and the teacher read b.input(x), x with an "
-              "inpainting batch's known channels")
+              "inpainting batch's known channels; 'feature maps for N heads': the teacher's "
+              "features of the heads' blocks only, teacher.features(..., heads.blocks)")
 
 
-def _ladd(m, rows=3, inpaint=False):
+def _ladd(m, rows=3, inpaint=False, blocks=None):
     """A tiny teacher (random weights), its copy as the student, heads with an opinion, a batch
     (an inpainting one: 9 input channels and b.known)."""
     cfg = m.mmdit.CONFIGS["test"]
@@ -676,7 +721,8 @@ def _ladd(m, rows=3, inpaint=False):
     teacher = randomize(m.mmdit.MMDiT(cfg), seed=30, std=0.05).requires_grad_(False)
     student = m.mmdit.MMDiT(cfg)
     student.load_state_dict(teacher.state_dict())
-    disc = randomize(m.discriminator.Discriminator.for_teacher(cfg, hidden=16), seed=31, std=0.1)
+    disc = randomize(m.discriminator.Discriminator.for_teacher(cfg, blocks, hidden=16), seed=31,
+                     std=0.1)
     g = torch.Generator().manual_seed(32)
     x0 = torch.randn(3, 4, 8, 12, generator=g)
     batch = m.train_ladd.Batch(
@@ -701,13 +747,13 @@ def _grad(module):
     return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
 
 
-def _step(m, settings=None, lr=0.0, batch_change=None, **kwargs):
+def _step(m, settings=None, lr=0.0, batch_change=None, weight_decay=0.0, **kwargs):
     """One student_step on fresh tiny models -> (student, heads, stats, features, before)."""
     teacher, student, disc, batch = _ladd(m, **kwargs)
     if batch_change:
         batch_change(batch)
     before = _params(student)
-    opt = torch.optim.SGD(student.parameters(), lr=lr)
+    opt = torch.optim.SGD(student.parameters(), lr=lr, weight_decay=weight_decay)
     run = settings if settings is not None else m.train_ladd.StepSettings()
     features, stats = m.train_ladd.student_step(student, teacher, disc, opt, batch, run)
     assert isinstance(stats, dict), f"student_step returned {type(stats).__name__} statistics, want a dict"
@@ -762,36 +808,114 @@ def _(m, ref):
                                       "it must be the heads' verdict back-propagated through it")
 
 
-@check("student-step", "every head's fake logits get the gradient -1/B (the student hinge loss of all heads)", CRASH_STEP)
+@check("student-step", "every head's fake logits get the gradient -1/B (B = 3 and 1): the hinge loss of all heads", CRASH_STEP)
 def _(m, ref):
-    teacher, student, disc, batch = _ladd(m)
-    seen = {b: [] for b in disc.blocks}
-    def spy(block):
-        def hook(module, args, out):
-            if torch.is_tensor(out) and out.requires_grad:
-                seen[block].append(out)
-                out.register_hook(lambda g: seen[block].append(g.detach().clone()))
+    for rows in (3, 1):
+        teacher, student, disc, batch = _ladd(m, rows)
+        seen = {b: [] for b in disc.blocks}
+        def spy(block):
+            def hook(module, args, out):
+                if torch.is_tensor(out) and out.requires_grad:
+                    seen[block].append(out)
+                    out.register_hook(lambda g: seen[block].append(g.detach().clone()))
+            return hook
+        hooks = [disc.heads[str(b)].register_forward_hook(spy(b)) for b in disc.blocks]
+        try:
+            _, stats = m.train_ladd.student_step(student, teacher, disc,
+                                                 torch.optim.SGD(student.parameters(), lr=0.0), batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        for k, block in enumerate(disc.blocks):
+            grads = [x for x in seen[block][1:] if not x.requires_grad]
+            assert seen[block], (f"head {k} (block {block}) never judged the fake batch with a graph "
+                                 f"to the student: the heads' logits must come from the teacher's "
+                                 f"features of x0_hat re-noised, with autograd")
+            assert grads, f"head {k}'s logits got no gradient: every head's verdict enters the loss"
+            close(sum(grads), torch.full((rows,), -1.0 / rows), f"batch size {rows}: d loss / d head "
+                  f"{k}'s logits (want -1/B: the student's hinge loss is -(sum over heads of "
+                  f"mean(fake logits)))")
+        want = -sum(seen[b][0].mean() for b in disc.blocks).item()
+        got = stats.get("student_loss")
+        assert isinstance(got, float) and abs(got - want) <= 1e-5 * max(1.0, abs(want)), (
+            f"stats['student_loss'] is {got!r}, want the hinge loss {want:.6g} as a float (.item())")
+
+
+def _spy(m, rows=3, inpaint=False, blocks=None, settings=None):
+    """One student_step with every call to the student, the teacher's features and the heads
+    recorded: (batch, heads, {"student": [(args, output, autocast on)], "teacher": ..., "heads": ...})."""
+    teacher, student, disc, batch = _ladd(m, rows, inpaint, blocks)
+    calls = {"student": [], "teacher": [], "heads": []}
+    def record(kind, module):
+        def hook(mod, args, kwargs, out=None):
+            bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+            calls[kind].append((bound, out, torch.is_autocast_enabled("cpu")))
         return hook
-    hooks = [disc.heads[str(b)].register_forward_hook(spy(b)) for b in disc.blocks]
+    student.register_forward_hook(record("student", student), with_kwargs=True)
+    disc.register_forward_pre_hook(record("heads", disc), with_kwargs=True)
+    features = teacher.features
+    def spy_features(*args, **kwargs):
+        bound = inspect.signature(features).bind(*args, **kwargs).arguments
+        calls["teacher"].append((bound, None, torch.is_autocast_enabled("cpu")))
+        return features(*args, **kwargs)
+    teacher.features = spy_features
+    terms = m.addons.student_terms
+    def spy_terms(*args, **kwargs):
+        calls["add-ons"].append((inspect.signature(terms).bind(*args, **kwargs).arguments, None, None))
+        return terms(*args, **kwargs)
+    m.addons.student_terms, calls["add-ons"] = spy_terms, []
+    run = settings if settings is not None else m.train_ladd.StepSettings()
     try:
-        _, stats = m.train_ladd.student_step(student, teacher, disc,
-                                             torch.optim.SGD(student.parameters(), lr=0.0), batch)
+        m.train_ladd.student_step(student, teacher, disc,
+                                  torch.optim.SGD(student.parameters(), lr=0.0), batch, run)
     finally:
-        for h in hooks:
-            h.remove()
-    B = len(batch.x0)
-    for k, block in enumerate(disc.blocks):
-        grads = [x for x in seen[block][1:] if not x.requires_grad]
-        assert seen[block], (f"head {k} (block {block}) never judged the fake batch with a graph to "
-                             f"the student: the heads' logits must come from the teacher's features "
-                             f"of x0_hat re-noised, with autograd")
-        assert grads, f"head {k}'s logits got no gradient: every head's verdict enters the loss"
-        close(sum(grads), torch.full((B,), -1.0 / B), f"d loss / d head {k}'s logits (want -1/B: "
-              f"the student's hinge loss is -(sum over heads of mean(fake logits)))")
-    want = -sum(seen[b][0].mean() for b in disc.blocks).item()
-    got = stats.get("student_loss")
-    assert isinstance(got, float) and abs(got - want) <= 1e-5 * max(1.0, abs(want)), (
-        f"stats['student_loss'] is {got!r}, want the hinge loss {want:.6g} as a float (.item())")
+        m.addons.student_terms = terms
+    for kind in calls:
+        assert calls[kind], f"student_step never called the {kind}"
+    return batch, disc, calls
+
+
+def _same(got, want, what):
+    got = got.detach().float() if torch.is_tensor(got) else got
+    assert torch.is_tensor(got) and got.shape == want.shape, (
+        f"{what}: shape {list(getattr(got, 'shape', []))}, want {list(want.shape)}")
+    close(got, want, what, 8 * EPS * max(1.0, want.abs().max().item()))
+
+
+@check("student-step", "what each model reads: the student x_t at t, the teacher the fake batch at t_hat, the heads t_hat", CRASH_STEP)
+def _(m, ref):
+    for inpaint in (False, True):
+        batch, disc, calls = _spy(m, inpaint=inpaint, blocks=[0, 2])
+        kind = "an inpainting batch: " if inpaint else ""
+        (args, v, _), C = calls["student"][0], batch.x0.shape[1]
+        t, t_hat = batch.t.view(-1, 1, 1, 1), batch.t_hat.view(-1, 1, 1, 1)
+        x_t = (1 - t) * batch.x0 + t * batch.eps
+        _same(args["x"][:, :C], x_t, f"{kind}the student's input (want x_t = (1 - t) x0 + t eps "
+              f"of b.x0, b.eps, b.t)")
+        if inpaint:
+            _same(args["x"][:, C:], batch.known, f"{kind}the student's extra channels (b.input)")
+        for name, want in (("t", batch.t), ("context", batch.context), ("y", batch.pooled)):
+            _same(args[name], want, f"{kind}the student's argument {name} (want b.{dict(t='t', context='context', y='pooled')[name]})")
+        x0_hat = x_t - t * v.float()
+        args = calls["teacher"][0][0]
+        _same(args["x"][:, :C], (1 - t_hat) * x0_hat + t_hat * batch.eps_fake, f"{kind}what the "
+              f"teacher judges (want the fake batch (1 - t_hat) x0_hat + t_hat eps_fake, "
+              f"x0_hat = x_t - t v)")
+        if inpaint:
+            _same(args["x"][:, C:], batch.known, f"{kind}the teacher's extra channels (b.input)")
+        for name, want in (("t", batch.t_hat), ("context", batch.context), ("y", batch.pooled)):
+            _same(args[name], want, f"{kind}the teacher's argument {name} (want b.{dict(t='t_hat', context='context', y='pooled')[name]})")
+        assert list(args.get("blocks") or []) == disc.blocks, (
+            f"the teacher's features were taken at blocks {args.get('blocks')}, want the heads' "
+            f"blocks {disc.blocks}")
+        fake = args["x"]
+        args = calls["add-ons"][0][0]
+        _same(args["x0_hat"], x0_hat, f"{kind}the x0_hat given to addons.student_terms")
+        _same(args["fake"], fake[:, :C], f"{kind}the fake batch given to addons.student_terms")
+        assert args["batch"] is batch, "addons.student_terms must get the step's batch b"
+        args = calls["heads"][0][0]
+        _same(args["t_hat"], batch.t_hat, f"{kind}the heads' noise levels (want b.t_hat)")
+        _same(args["pooled"], batch.pooled, f"{kind}the heads' pooled text (want b.pooled)")
 
 
 @check("student-step", "stats: student_loss, student_grad_norm (before clipping) and student_skipped", CRASH_STEP)
@@ -799,6 +923,10 @@ def _(m, ref):
     student, _, stats, _, _ = _step(m, _settings(m))
     keys = {"student_loss", "student_grad_norm", "student_skipped"}
     assert keys <= set(stats), f"stats has {sorted(stats)}, want (at least) {sorted(keys)}"
+    for key, value in stats.items():
+        assert type(value) in (int, float), (
+            f"stats[{key!r}] is a {type(value).__name__}, want a Python number (.item(), int()): "
+            f"the loop logs and averages them")
     full = _grad(student).norm().item()
     assert abs(stats["student_grad_norm"] - full) <= 1e-4 * full, (
         f"stats['student_grad_norm'] is {stats['student_grad_norm']!r}, want the norm of the "
@@ -823,6 +951,42 @@ def _(m, ref):
                          f"opt.step() only when the clipped gradient's norm is finite")
     assert stats.get("student_skipped") == 1, (
         f"stats['student_skipped'] is {stats.get('student_skipped')!r} after a NaN step, want 1")
+
+
+class _BadGradient(torch.autograd.Function):
+    """0 on the way forward; a NaN (or a huge: its norm overflows) gradient on the way back."""
+    @staticmethod
+    def forward(ctx, x, bad):
+        ctx.shape, ctx.bad = x.shape, bad
+        return x.sum() * 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, ctx.bad), None
+
+
+@check("student-step", "a finite loss with a NaN or inf gradient skips too; the heads trainable after", CRASH_STEP)
+def _(m, ref):
+    real = m.addons.student_terms
+    try:
+        for bad, what in ((float("nan"), "NaN"), (1e30, "inf")):
+            m.addons.student_terms = lambda teacher, x0_hat, *rest: [
+                ("bad", _BadGradient.apply(x0_hat, bad), 1.0)]
+            # weight decay: any opt.step() moves the student, even with a gradient clipped to 0
+            student, disc, stats, _, before = _step(m, lr=0.1, weight_decay=0.1)
+            assert all(p.requires_grad for p in disc.parameters()), (
+                "after a skipped step the heads are still frozen: turn them back on in every case")
+            assert not math.isfinite(stats.get("student_grad_norm", 0.0)), (
+                f"stats['student_grad_norm'] is {stats.get('student_grad_norm')!r}, want {what}")
+            changed = [k for k, p in student.named_parameters() if not torch.equal(p, before[k])]
+            assert not changed, (
+                f"a gradient of norm {what} (the loss finite) changed the student ({changed[0]}, "
+                f"...): step only when torch.isfinite(norm), the clipped gradient's norm")
+            assert stats.get("student_skipped") == 1, (
+                f"stats['student_skipped'] is {stats.get('student_skipped')!r} after a gradient "
+                f"of norm {what}, want 1")
+    finally:
+        m.addons.student_terms = real
 
 
 @check("student-step", "old gradients are cleared: the update ignores what .grad held before", CRASH_STEP)
@@ -879,9 +1043,11 @@ def _(m, ref):
         m.addons.student_terms = real
     assert seen, ("addons.student_terms was never called: loop over addons.student_terms(teacher, "
                   "x0_hat, fake, b, s) and add weight * value for each (name, value, weight)")
-    (g0, s0), (g1, s1), (g2, _) = runs[0.0], runs[1.0], runs[2.0]
-    assert s1.get("probe") == seen[1], (
-        f"stats['probe'] is {s1.get('probe')!r}, want the term's unweighted value {seen[1]:.6g}")
+    (g0, s0), (g1, s1), (g2, s2) = runs[0.0], runs[1.0], runs[2.0]
+    for stats, value, weight in ((s1, seen[1], 1), (s2, seen[2], 2)):
+        assert stats.get("probe") == value, (
+            f"with weight {weight}, stats['probe'] is {stats.get('probe')!r}, want the term's "
+            f"unweighted value {value:.6g}")
     assert not torch.allclose(g1, g0), (
         "the student's gradient is the same for the term's weights 0 and 1: add weight * value "
         "to the loss for each (name, value, weight) of addons.student_terms")
@@ -934,6 +1100,11 @@ def _(m, ref):
     with warnings.catch_warnings():  # torch notes that bf16 rms_norm has no fused CPU kernel
         warnings.simplefilter("ignore")
         _, _, bf16, features, _ = _step(m, m.train_ladd.StepSettings(amp=torch.bfloat16))
+        _, _, calls = _spy(m, settings=m.train_ladd.StepSettings(amp=torch.bfloat16))
+    for kind, seen in calls.items():
+        assert kind == "add-ons" or all(on for _, _, on in seen), (
+            f"the {kind} ran outside autocast: every forward pass of the step runs under "
+            f"training.autocast(b.x0.device, s.amp)")
     assert all(f.dtype == torch.float32 for f in features), "return the features in fp32 (.float())"
     assert fp32["student_loss"] != bf16["student_loss"], (
         "with s.amp = bfloat16 the loss is the fp32 one: run the forward passes under "

@@ -198,6 +198,23 @@ def with_known(x, known):
 def with_known(x, known):
     return x if known is None else torch.cat([x.detach(), known], dim=1)   # the graph cut
 ''', "no autograd graph"),
+    # from a red team that invented 160 wrong answers without seeing the graders: the kinds
+    # that passed the first version of them
+    ("flow-noising", "flow.py", "x0_from_v", '''
+def x0_from_v(x_t, v, t):
+    return x_t.sub_(_bcast(t, x_t) * v)          # edits the caller's x_t
+''', "in place"),
+    ("inpainting-input", "inpainting.py", "known_channels", '''
+def known_channels(z0, m):
+    return torch.cat([m, z0.masked_fill_(m.bool(), 0)], dim=1)   # edits the caller's z0
+''', "in place"),
+    ("timestep-embedding", "mmdit.py", "timestep_embedding", '''
+def timestep_embedding(t, dim=256, max_period=10000.0):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.half()[:, None].float() * freqs[None]          # t rounded to fp16
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+''', "rounded"),
 ] + [("discriminator-head", "discriminator.py", "DiscriminatorHead.forward",
        edited("discriminator.py", "DiscriminatorHead.forward", right, wrong), phrase)
       for right, wrong, phrase in (
@@ -207,6 +224,8 @@ def with_known(x, known):
      ".squeeze()"),
     ("timestep_embedding(1000 * t_hat)", "timestep_embedding(t_hat)", "multiplied by 1000"),
     ("        h = self.x_in(x)", "        h = self.x_in(x.detach())", "no gradient reached the features"),
+    ("        self.check_inputs(x, t_hat, pooled)\n", "", "check_inputs"),
+    ("timestep_embedding(1000 * t_hat)", "timestep_embedding((1000 * t_hat).round())", "multiplied by 1000"),
 )] + [("student-step", "train_ladd.py", "student_step", edited("train_ladd.py", "student_step", right, wrong),
        phrase) for right, wrong, phrase in (
     ("fake = flow.add_noise(x0_hat, b.eps_fake, b.t_hat)",
@@ -226,6 +245,26 @@ def with_known(x, known):
     ("with training.autocast(b.x0.device, s.amp):", "if True:", "training.autocast"),
     ("norm = training.clip_grad_norm(student.parameters(), s.grad_clip)",
      "norm = training.clip_grad_norm(student.parameters(), float('inf'))", "clip it"),
+    ("if torch.isfinite(norm):", "if torch.isfinite(loss):", "torch.isfinite(norm)"),
+    ("if torch.isfinite(norm):", "if not torch.isnan(norm):", "torch.isfinite(norm)"),
+    ("student_grad_norm=norm.item()", "student_grad_norm=norm", "Python number"),
+    ("loss + weight * value, value.item()", "loss + weight * value, (weight * value).item()",
+     "unweighted value"),
+    ("student(b.input(x_t), b.t,", "student(b.input(x_t), 1000 * b.t,", "the student's argument t"),
+    ("student(b.input(x_t), b.t, b.context, b.pooled)", "student(b.input(b.x0), b.t, b.context, b.pooled)",
+     "the student's input"),
+    ("loss = hinge_student_loss(logits)", "loss = -torch.stack(logits).squeeze().mean(-1).sum()",
+     "batch size 1"),
+    ("teacher.features(b.input(fake), b.t_hat, b.context, b.pooled,\n                                    heads.blocks)",
+     "teacher.features(b.input(fake), b.t_hat, b.context, b.pooled)", "feature maps"),
+    ("addons.student_terms(teacher, x0_hat, fake, b, s)", "addons.student_terms(teacher, x0_hat, x_t, b, s)",
+     "the fake batch given to addons.student_terms"),
+    ("        fake = flow.add_noise(x0_hat, b.eps_fake, b.t_hat)",
+     "        x0_hat = x0_hat if b.known is None else b.known[:, :1] * x0_hat + b.known[:, 1:]\n"
+     "        fake = flow.add_noise(x0_hat, b.eps_fake, b.t_hat)", "what the teacher judges"),
+    ("    if torch.isfinite(norm):           # a NaN or inf gradient (or loss) skips the step\n        opt.step()\n",
+     "    if not torch.isfinite(norm):\n        return [f.detach().float() for f in features], stats\n    opt.step()\n",
+     "still frozen"),
 )] + [("student-step", "train_ladd.py", "student_step", '''
 def student_step(student, teacher, heads, opt, b, s=StepSettings()):   # the pairs written out
     heads.requires_grad_(False)
