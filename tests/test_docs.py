@@ -411,6 +411,7 @@ SCRIPTS = {
     "bench.py": parse_then_stop(),
     "tests/bench_diffusers.py": parse_then_stop(),
     "exercises/exercises.py": argparse_then_stop,
+    "tests/tiny_sd3.py": argparse_then_stop,
     "lora.py": no_options,
     "discriminator.py": no_options,
     "tests/test_layout.py": no_options,
