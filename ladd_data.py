@@ -35,7 +35,9 @@ def prompt_source(cfg, pipe):
         if (cond.context.shape[-1], cond.pooled.shape[-1]) != want:
             raise ValueError(f"--cond {cfg.cond}: (context, pooled) widths "
                              f"{(cond.context.shape[-1], cond.pooled.shape[-1])} but the teacher "
-                             f"takes {want}")
+                             f"takes {want}: it was made with other text encoders than the "
+                             f"teacher's; make it with python text_encoders.py --ckpt <the "
+                             f"teacher's SD3 file or folder> --prompts ... --out cond/")
 
         def take(index):
             rows = [i % len(cond) for i in index]
