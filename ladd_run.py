@@ -35,7 +35,9 @@ OPTION_RULES = {  # cli.check_options: each numeric option and what it allows
     "grad_clip": cli.POSITIVE, "t_hat_mean": cli.FINITE, "distill_weight": cli.NON_NEGATIVE,
     "r1_weight": cli.NON_NEGATIVE, "max_minutes": cli.NON_NEGATIVE, "ema": cli.DECAY,
     "lora": cli.COUNT, "lora_alpha": cli.NON_NEGATIVE, "pair_weight": cli.NON_NEGATIVE,
-    "pair_share": cli.SHARE, "pair_steps": cli.COUNT, "seed": cli.SEED}
+    "pair_share": cli.SHARE, "pair_steps": cli.COUNT, "seed": cli.SEED,
+    "consistency_weight": cli.NON_NEGATIVE, "dmd_weight": cli.NON_NEGATIVE,
+    "one_step_t_hat_shift": cli.POSITIVE}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,6 +65,10 @@ def check_config(cfg):
         raise ValueError(f"--pair-weight {cfg.pair_weight:g}: the pairs are the teacher's own "
                          f"noise -> latent samples, which --data {cfg.data} does not have; pass "
                          f"--pair-weight 0 with it")
+    for name in ("consistency_weight", "dmd_weight"):
+        if getattr(cfg, name) and (cfg.task != "t2i" or cfg.shard):
+            raise ValueError(f"--{name.replace('_', '-')}: text-to-image in one process group "
+                             f"without --shard only; pass --{name.replace('_', '-')} 0 with it")
     times, probs = cli.parse_list(cfg.times, "times"), cli.parse_list(cfg.time_probs, "time-probs")
     warm = cli.parse_list(cfg.warmup_probs, "warmup-probs")
     if times[0] != 1 or not all(a > b for a, b in zip(times, times[1:] + [0])):
@@ -212,6 +218,23 @@ def distill_settings(cfg, take, teacher_pipe, device):
                           u.uncond_pooled.to(device), teacher_pipe.defaults["cfg"])
 
 
+def guide(take, teacher_pipe, device):
+    """The teacher's guidance for the add-ons that run it guided: the empty prompt and its scale."""
+    u = take([0])[0]  # its uncond_* are the empty prompt's
+    return addons.Guide(u.uncond_context.to(device), u.uncond_pooled.to(device),
+                        teacher_pipe.defaults["cfg"])
+
+
+def few_step_settings(cfg, take, teacher_pipe, student, schedule, device):
+    """The 1-2 step add-ons' settings -> (Consistency or None, DMD or None)."""
+    if not (cfg.consistency_weight or cfg.dmd_weight):
+        return None, None
+    g = guide(take, teacher_pipe, device)
+    return (addons.Consistency(cfg.consistency_weight, student, schedule[0], g)
+            if cfg.consistency_weight else None,
+            addons.DMD(cfg.dmd_weight, teacher_pipe.model, g) if cfg.dmd_weight else None)
+
+
 def describe(cfg, teacher, student, heads, device, amp, world, sharded):
     """One line on the models and the run (and a note when the EMA's ramp outlasts it)."""
     trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -237,8 +260,8 @@ class RunFolder:
     the comparison grids. Rank 0 writes; with FSDP every rank takes part in gathering."""
 
     def __init__(self, cfg, world, sharded, teacher_pipe, schedule, sizes,
-                 student, ema, heads, opt_student, opt_heads):
-        self.cfg, self.world, self.sharded = cfg, world, sharded
+                 student, ema, heads, opt_student, opt_heads, addon=None):
+        self.cfg, self.world, self.sharded, self.addon = cfg, world, sharded, addon
         self.teacher_pipe, self.schedule, self.sizes = teacher_pipe, schedule, sizes
         self.student, self.ema, self.heads = student, ema, heads
         self.opt_student, self.opt_heads = opt_student, opt_heads
@@ -253,6 +276,8 @@ class RunFolder:
         w.load(self.student, state["opt_g"], self.opt_student)
         self.heads.load_state_dict(state["disc"])
         self.opt_heads.load_state_dict(state["opt_d"])
+        if self.addon is not None:  # an add-on's own models (DMD's fake score)
+            self.addon.load_state_dict(state["addon"])
         skipped = state["skipped"]
         skipped = {"student": skipped.get("student", skipped.get("g")),  # runs saved as g / d
                    "heads": skipped.get("heads", skipped.get("d"))}
@@ -278,6 +303,8 @@ class RunFolder:
         tree = {"student": trained_state(self.student, w), "ema": trained_state(self.ema, w),
                 "disc": self.heads.state_dict(), "opt_g": w.state(self.student, self.opt_student),
                 "opt_d": self.opt_heads.state_dict(), "step": step, "skipped": skipped}
+        if self.addon is not None:
+            tree["addon"] = self.addon.state_dict()
         if not w.main:
             return
         meta = training.checkpoint_metadata(

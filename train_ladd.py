@@ -88,6 +88,9 @@ class Config:  # pragma: no mutate block (settings, not the method: docs/develop
     pair_steps: int = 0                # ... only in the first this many steps (0: every step)
     distill_weight: float = 0.0        # ADD's distillation loss onto the guided teacher's x0
     r1_weight: float = 0.0             # approximate R1 penalty on the heads
+    consistency_weight: float = 0.0    # 1-2 steps: |x0_hat - sg(own x0 at the teacher's next point)|^2
+    dmd_weight: float = 0.0            # 1-2 steps: DMD's distribution matching, online fake score
+    one_step_t_hat_shift: float = 1.0  # 1 step: t = 1 rows judged at shifted t_hat (< 1: less noise)
     # the run
     out: str = "runs/ladd"             # run folder: student, state, log.jsonl, comparison grids
     resume: str = ""                   # a run folder to continue (its saved settings)
@@ -162,6 +165,7 @@ def draw_batch(cfg, dataset, schedule, step, world, device):
     B = x0.shape[0]
     t = student_times(B, step, *schedule, cfg.warmup, g)                      # [B]
     t_hat = flow.sample_t_logit_normal(B, cfg.t_hat_mean, cfg.t_hat_std, g)  # [B]
+    t_hat = addons.shift_one_step(t, t_hat, cfg.one_step_t_hat_shift)         # add-on (1: off)
     noise = {k: torch.randn(x0.shape, generator=g) for k in ("eps", "eps_fake", "eps_real")}
     paired = torch.zeros(B, dtype=torch.bool)                                 # [B]
     if cfg.pair_weight and (not cfg.pair_steps or step < cfg.pair_steps):     # add-on: pairs
@@ -182,6 +186,8 @@ class StepSettings:
     pair_weight: float = 0.0           # add-on: DMD's pairs (0: off)
     distill: addons.Distill = None     # add-on: ADD's distillation loss (None: off)
     r1_weight: float = 0.0             # add-on: R1 on the heads (0: off)
+    consistency: addons.Consistency = None  # add-on: consistency on the teacher's path (None: off)
+    dmd: addons.DMD = None             # add-on: distribution matching, its fake score (None: off)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +278,8 @@ def train(cfg):  # pragma: no mutate block (the harness: tests/test_train_ladd.p
     ema = ladd_run.make_ema(cfg, student, teacher, world, device)
     ladd_run.speed_up(cfg, device, student, teacher)  # gradient checkpointing, torch.compile
     settings = StepSettings(amp, cfg.grad_clip, world, cfg.pair_weight,
-                            ladd_run.distill_settings(cfg, take, teacher_pipe, device), cfg.r1_weight)
+                            ladd_run.distill_settings(cfg, take, teacher_pipe, device), cfg.r1_weight,
+                            *ladd_run.few_step_settings(cfg, take, teacher_pipe, student, schedule, device))
     sharded = cfg.shard and world.size > 1  # several processes: DDP, or FSDP for student and EMA
     trained_student, trained_heads = world.wrap(student, device, sharded), world.wrap(heads, device)
     if sharded:
@@ -281,7 +288,7 @@ def train(cfg):  # pragma: no mutate block (the harness: tests/test_train_ladd.p
                                           cfg.lr, (0.9, 0.99), device, cfg.optim_dtype)
     opt_heads = training.make_optimizer(heads.parameters(), cfg.disc_lr, (0.0, 0.99), device)
     run = ladd_run.RunFolder(cfg, world, sharded, teacher_pipe, schedule, sizes,
-                             student, ema, heads, opt_student, opt_heads)
+                             student, ema, heads, opt_student, opt_heads, settings.dmd)
     start, skipped = run.restore() if cfg.resume else (0, {"student": 0, "heads": 0})
     student_pipe = run.start()
     ladd_run.describe(cfg, teacher, student, heads, device, amp, world, sharded)
