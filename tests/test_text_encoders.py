@@ -24,6 +24,7 @@ import vae as vae_lib
 import weights
 from text_encoders import CONFIGS, CLIPTextEncoder, SD3TextEncoder, T5Encoder
 from text_tokenizers import CLIP_MERGES_ASSET, CharsMap, CLIPTokenizer, T5Tokenizer
+from tiny_sd3 import spiece_model
 
 from conftest import expect_one_line_error, read_png
 
@@ -532,28 +533,6 @@ def test_t5_unigram_tokenizer_on_a_hand_made_vocabulary(t5_json):
     assert out[2].tolist() == [ids["▁cat"]] * 7 + [1]                  # cut, then </s>
 
 
-def spiece_bytes(pieces, unk_id=2, charsmap=b""):
-    """A SentencePiece ModelProto by hand: pieces (field 1), trainer spec (2), normalizer (3)."""
-    def varint(n):
-        out = b""
-        while True:
-            out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
-            n >>= 7
-            if not n:
-                return out
-
-    def field(no, wire, payload):
-        key = varint(no << 3 | wire)
-        return key + (varint(len(payload)) + payload if wire == 2 else payload)
-    msg = b""
-    for i, (p, s) in enumerate(pieces):
-        kind = 2 if i == unk_id else 3 if p in ("<pad>", "</s>") else 1
-        body = field(1, 2, p.encode()) + field(2, 5, np.float32(s).tobytes()) + field(3, 0, varint(kind))
-        msg += field(1, 2, body)
-    msg += field(2, 2, field(3, 0, varint(1)) + field(40, 0, varint(unk_id)))
-    return msg + field(3, 2, field(1, 2, b"test") + (field(2, 2, charsmap) if charsmap else b""))
-
-
 def test_spiece_model_and_precompiled_charsmap(tmp_path, t5_json):
     """The protobuf reader gives the tokenizer.json's ids; the double-array normaliser replaces
     the longest matching rule ('AB' -> 'x' before 'A' -> 'a') and copies the rest."""
@@ -567,7 +546,7 @@ def test_spiece_model_and_precompiled_charsmap(tmp_path, t5_json):
     charsmap = len(trie).to_bytes(4, "little") + trie + b"a\0x\0"
     assert CharsMap(charsmap).normalize("ABAC Ä") == "xaC Ä"
     path = tmp_path / "spiece.model"
-    path.write_bytes(spiece_bytes(T5_PIECES, charsmap=charsmap))
+    path.write_bytes(spiece_model(T5_PIECES, charsmap=charsmap))
     sp, js = T5Tokenizer.from_files(tmp_path), T5Tokenizer.from_files(t5_json)
     assert sp.source == str(path)                         # a folder: spiece.model first
     assert [(p, round(s, 6)) for p, (_, s) in sp.pieces.items()] == [(p, s) for p, s in T5_PIECES]

@@ -142,9 +142,9 @@ def _field(no, wire, payload):
     return key + (_varint(len(payload)) + payload if wire == 2 else payload)
 
 
-def spiece_model(pieces=T5_PIECES, unk_id=2):
-    """A SentencePiece ModelProto (unigram, no normalisation rules) written by hand: pieces
-    (field 1: piece, score, type), trainer spec (2: unigram, unk id), normalizer spec (3)."""
+def spiece_model(pieces=T5_PIECES, unk_id=2, charsmap=b""):
+    """A SentencePiece ModelProto (unigram) written by hand: pieces (field 1: piece, score, type),
+    trainer spec (2: unigram, unk id), normalizer spec (3: its rules, `charsmap`, if any)."""
     msg = b""
     for i, (p, s) in enumerate(pieces):
         kind = 2 if i == unk_id else 3 if p in ("<pad>", "</s>") else 1
@@ -152,7 +152,7 @@ def spiece_model(pieces=T5_PIECES, unk_id=2):
         msg += _field(1, 2, body)
     msg += _field(2, 2, _field(3, 0, _varint(1)) + _field(40, 0, _varint(unk_id))
                   + _field(41, 0, _varint(0)) + _field(42, 0, _varint(1)) + _field(43, 0, _varint(2**64 - 1)))
-    return msg + _field(3, 2, _field(1, 2, b"identity"))
+    return msg + _field(3, 2, _field(1, 2, b"identity") + (_field(2, 2, charsmap) if charsmap else b""))
 
 
 def write_t5_tokenizer(folder):
