@@ -150,6 +150,15 @@ def untouched(m, module, function, *args):
             f"mul_, masked_fill_ or +=): the caller still needs it, and autograd may too")
 
 
+def refuses(call, what, why):
+    """call() must raise a ValueError."""
+    try:
+        call()
+    except ValueError:
+        return
+    raise AssertionError(f"{what} returned; want a ValueError ({why})")
+
+
 def keeps_dtype(out, dtype, what):
     assert torch.is_tensor(out), f"{what}: got a {type(out).__name__}, want a tensor"
     assert out.dtype == dtype, (
@@ -293,11 +302,7 @@ def _(m, ref):
 @check("sd3-schedule", "bad arguments: ValueError for steps 0, -1 or 2.5 and for shift 0 or -1")
 def _(m, ref):
     for args in ((0, 3.0), (-1, 3.0), (2.5, 3.0), (4, 0.0), (4, -1.0)):
-        try:
-            m.flow.sd3_sigmas(*args)
-        except ValueError:
-            continue
-        raise AssertionError(f"sd3_sigmas{args} returned; want a ValueError (see the docstring)")
+        refuses(lambda: m.flow.sd3_sigmas(*args), f"sd3_sigmas{args}", "see the docstring")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,12 +524,8 @@ def _(m, ref):
     for what, args in (("t_hat [1] for 2 samples", (x, t_hat[:1], pooled)),
                        ("pooled [1, 6] for 2 samples", (x, t_hat, pooled[:1])),
                        ("features [2, 8, 3, 5]", (x[:, :8], t_hat, pooled))):
-        try:
-            head(*args)
-        except ValueError:
-            continue
-        raise AssertionError(f"the head accepted {what}; call self.check_inputs(x, t_hat, pooled) "
-                             f"first (broadcasting would give a silently wrong answer)")
+        refuses(lambda: head(*args), f"the head on {what}", "call self.check_inputs(x, t_hat, "
+                "pooled) first: broadcasting would give a silently wrong answer")
 
 
 @check("discriminator-head", "the student's gradient reaches the features through the head")
@@ -620,12 +621,7 @@ def _(m, ref):
                        ("hinge_heads_loss(two heads, one head)",
                         lambda: m.discriminator.hinge_heads_loss(a + a, a)),
                        ("hinge_student_loss([])", lambda: m.discriminator.hinge_student_loss([]))):
-        try:
-            call()
-        except ValueError:
-            continue
-        raise AssertionError(f"{what} returned; want a ValueError (see the docstring): zip() "
-                             f"would silently drop a head")
+        refuses(call, what, "see the docstring: zip() would silently drop a head")
 
 
 # ----------------------------------------------------------------------------------------------
