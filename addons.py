@@ -20,18 +20,16 @@ For 1 and 2 steps (docs/few_steps.md has what each measured):
   SANA-Sprint and rCM pair it with an adversarial or a score term): the guided teacher takes one
   Euler step from the student's input x_t to the student's next time s (0 after its last), and the
   student's own x0 prediction there, without gradient, is the target of x0_hat:
-  + weight * |x0_hat - sg(x0_student(x_s, s))|^2. Two teacher passes and one student pass, no
-  gradient. Measured: it blurs (seven sizes, equal wall time: 0.778 / 0.570 / 0.207 at 4 / 2 / 1
-  steps against plain LADD's 0.862 / 0.686 / 0.306).
+  + weight * |x0_hat - sg(x0_student(x_s, s))|^2; two teacher passes, one student pass, no grad.
+  Measured: it blurs (0.778 / 0.570 / 0.207 at 4 / 2 / 1 steps; plain 0.862 / 0.686 / 0.306).
 - distribution matching (`--dmd-weight`, DMD / DMD2): a second copy of the teacher, the "fake"
   score, is trained online (flow matching, AdamW 1e-4) on the student's x0_hat; the student is
   pushed along the difference of the guided teacher's and the fake model's x0 predictions at the
   heads' noise level t_hat (the same `fake` batch), normalised as in DMD. Its model and AdamW are
   saved with the run. Measured: the best of these at 4 and 2 steps (0.880 / 0.727 / 0.299 in 1300
-  steps, the same wall time), not at 1 step: the blobs stay.
+  steps, 3/4 of plain LADD's wall time), not at 1 step: the blobs stay.
 - one-step judging (`--one-step-t-hat-shift`): the heads judge the t = 1 rows at a shifted t_hat
-  (SD3's shift; < 1: lower noise, where outlines show). No extra pass and no extra draw.
-  Measured (0.3): 0.822 / 0.651 / 0.297, no help.
+  (SD3's shift; < 1: lower noise, where outlines show); no extra pass or draw. Measured: no help.
 """
 
 import copy
