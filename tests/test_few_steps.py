@@ -15,7 +15,7 @@ import mmdit
 import train_ladd
 import weights
 from conftest import LADD_SAMPLER, expect_one_line_error, ladd_argv, make_checkpoint
-from discriminator import Discriminator
+from test_ladd_method import perturb, tiny_models  # the LADD step's tiny models
 
 ONE_THREAD = True
 
@@ -24,21 +24,9 @@ TIMES = [1.0, 0.75, 0.5, 0.25]
 INF = float("inf")
 
 
-def perturb(module, seed, std):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return module
-
-
 def tiny(seed=0):
     """Teacher (frozen), student (its copy), opinionated heads, a guide with guidance 2."""
-    torch.manual_seed(seed)
-    teacher = perturb(mmdit.MMDiT(CONFIG), seed, 0.05).requires_grad_(False)
-    student = mmdit.MMDiT(CONFIG)
-    student.load_state_dict(teacher.state_dict())
-    heads = perturb(Discriminator.for_teacher(CONFIG, [0, 2], hidden=16), seed + 1, 0.1)
+    teacher, student, heads = tiny_models(seed)
     g = torch.Generator().manual_seed(seed + 2)
     guide = addons.Guide(torch.randn(1, 5, CONFIG.context_dim, generator=g),
                          torch.randn(1, CONFIG.pooled_dim, generator=g), 2.0)
