@@ -280,14 +280,15 @@ def terminate_as_interrupt():
 
 
 def read_prompts(items, option="--prompt"):
-    """--prompt values -> prompts; a value ending in .txt is a file with one prompt per line."""
+    """--prompt values -> prompts; a value ending in .txt is a file with one prompt per line
+    (UTF-8, with or without the byte-order mark some editors put at its start)."""
     prompts = []
     for item in items:
         if not item.endswith(".txt"):
             prompts.append(item)
             continue
         try:
-            with open(item, encoding="utf-8") as f:
+            with open(item, encoding="utf-8-sig") as f:
                 prompts += [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise ValueError(f"{option} {item}: cannot read the prompt file ({e.strerror})") from None

@@ -118,7 +118,7 @@ def run(c):
         return run_eval(c)
     if not c.image or not c.mask:
         raise ValueError("pass --image IN.png and --mask MASK.png (white = repaint), or --eval N")
-    prompts = pipeline.read_prompts(c.prompt)
+    prompts = cli.read_prompts(c.prompt)
     if not prompts:
         raise ValueError('no prompts: pass --prompt "what the repainted image shows"')
     if os.path.exists(c.out) and not os.path.isdir(c.out):

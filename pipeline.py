@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-import cli
 import flow
 import lora
 import shapes
@@ -336,12 +335,6 @@ def is_student(ckpt):
     if not os.path.isfile(path):  # a diffusers folder (no "sampler"); a missing file fails at loading
         return False
     return "times" in _meta_json(weights.load_metadata(path), "sampler", path, {})
-
-
-def read_prompts(items, option="--prompt"):
-    """cli.read_prompts, without the byte-order mark some editors put at a file's start."""
-    prompts = (p.removeprefix("\ufeff").strip() for p in cli.read_prompts(items, option))
-    return [p for p in prompts if p]
 
 
 SEEDS = 2 ** 63  # seeds are 0 ... 2**63 - 1: torch's generators take them modulo 2**63

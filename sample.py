@@ -67,7 +67,7 @@ def parse_args(argv=None):
 
 def run(c):
     """Sample as SampleConfig `c` says and write the files; returns the output paths."""
-    prompts = pipeline.read_prompts(c.prompt)
+    prompts = cli.read_prompts(c.prompt)
     if c.cond and prompts:
         raise ValueError("--cond replaces --prompt; pass one or the other")
     if not c.cond and not prompts:
