@@ -11,6 +11,7 @@ Because the world is known, everything a text-to-image pipeline needs can be bui
 any download, and quality can be measured without any learned model:
 
     parse_caption, random_caption    the grammar (caption <-> Scene)
+    parse_instruction, apply         edit instructions ("make the red circle blue") and their exact result
     layout, render, render_batch     draw a caption as an image in [-1, 1] (hard edges, pure colours)
     batches                          endless multi-aspect training batches, resumable at any step
     ShapesTextEncoder                a frozen, order-aware encoder: encode(prompts) -> (context, pooled)
@@ -128,6 +129,106 @@ def random_caption(rng) -> str:
     return Scene(background, objects, relation).caption
 
 # -----------------------------------------------------------------------------
+# edit instructions: what changes in a scene, and the scene it makes (editing.py uses them)
+
+INSTRUCTIONS = {  # kind -> form; an instruction names its object by colour and shape
+    "recolour": "make the {colour} {shape} {colour}",
+    "reshape": "turn the {colour} {shape} into a {shape}",
+    "background": "make the background {colour}",
+    "remove": "remove the {colour} {shape}",
+}
+
+
+@dataclass(frozen=True)
+class Instruction:
+    kind: str                # one of INSTRUCTIONS
+    target: Obj | None       # the object it names (None: the background)
+    value: str | None        # the new colour (recolour, background) or shape (reshape)
+
+    @property
+    def text(self) -> str:
+        slots = [*(() if self.target is None else (self.target.colour, self.target.shape)),
+                 *(() if self.value is None else (self.value,))]
+        return INSTRUCTIONS[self.kind].replace("{colour}", "{}").replace("{shape}", "{}").format(*slots)
+
+
+def _instruction_help() -> str:
+    forms = "\n".join(f"  {form}" for form in INSTRUCTIONS.values())
+    return f"Use exactly one of:\n{forms}\ncolours: {', '.join(PALETTE)}\nshapes: {', '.join(SHAPES)}"
+
+
+def parse_instruction(text: str) -> Instruction:
+    """Instruction text -> Instruction. Case and extra whitespace are normalised."""
+    if not isinstance(text, str):
+        raise ValueError(f"instruction must be a string, got {type(text).__name__}. {_instruction_help()}")
+    words = text.lower().split()
+    for kind, form in INSTRUCTIONS.items():
+        template = form.split()
+        if len(words) != len(template):
+            continue
+        slots = []
+        for want, word in zip(template, words):
+            if (want == "{colour}" and word in PALETTE) or (want == "{shape}" and word in SHAPES):
+                slots.append(word)
+            elif want != word:
+                break
+        else:
+            target = None if kind == "background" else Obj(*slots[:2])
+            return Instruction(kind, target, None if kind == "remove" else slots[-1])
+    raise ValueError(f"instruction {text!r} is not in the shapes world's edit grammar. "
+                     f"{_instruction_help()}")
+
+
+def apply(scene: Scene, instruction: Instruction) -> Scene:
+    """The scene an instruction makes of `scene`: the same objects in the same places (rendered
+    with the source's boxes), one thing changed. An instruction that does not apply (its object
+    is not in the scene, nothing would change, or a colour would repeat) is a ValueError."""
+    i, caption = instruction, scene.caption
+    if i.kind == "background":
+        if i.value == scene.background or i.value in {o.colour for o in scene.objects}:
+            raise ValueError(f"{i.text!r} does not apply to {caption!r}: the background must change "
+                             "to a colour no object has")
+        return Scene(i.value, scene.objects, scene.relation)
+    if i.target not in scene.objects:
+        raise ValueError(f"{i.text!r} does not apply to {caption!r}: it has no "
+                         f"{i.target.colour} {i.target.shape}")
+    k = scene.objects.index(i.target)
+    if i.kind == "remove":
+        if len(scene.objects) < 2:
+            raise ValueError(f"{i.text!r} does not apply to {caption!r}: removing its only object "
+                             "leaves no caption; remove one of two")
+        return Scene(scene.background, scene.objects[1 - k:2 - k])
+    if i.kind == "reshape":
+        if i.value == i.target.shape:
+            raise ValueError(f"{i.text!r} does not apply to {caption!r}: it is a {i.value} already")
+        new = Obj(i.target.colour, i.value)
+    else:  # recolour
+        if i.value in {scene.background, *(o.colour for o in scene.objects)}:
+            raise ValueError(f"{i.text!r} does not apply to {caption!r}: {i.value} is taken; the new "
+                             "colour must differ from the background and every object")
+        new = Obj(i.value, i.target.shape)
+    return Scene(scene.background, scene.objects[:k] + (new,) + scene.objects[k + 1:], scene.relation)
+
+
+def random_instruction(scene: Scene, rng) -> Instruction:
+    """An instruction that applies to `scene`: a kind (remove only with two objects), then the
+    object and the new value, each uniform among those that apply."""
+    rng = np.random.default_rng(rng)
+    kinds = [k for k in INSTRUCTIONS if k != "remove" or len(scene.objects) == 2]
+    kind = kinds[rng.integers(len(kinds))]
+    taken = {scene.background, *(o.colour for o in scene.objects)}
+    free = [c for c in PALETTE if c not in taken]
+    if kind == "background":
+        return Instruction(kind, None, free[rng.integers(len(free))])
+    target = scene.objects[rng.integers(len(scene.objects))]
+    if kind == "remove":
+        return Instruction(kind, target, None)
+    if kind == "reshape":
+        other = [s for s in SHAPES if s != target.shape]
+        return Instruction(kind, target, other[rng.integers(len(other))])
+    return Instruction(kind, target, free[rng.integers(len(free))])
+
+# -----------------------------------------------------------------------------
 # renderer
 
 
@@ -188,15 +289,20 @@ def shape_mask(shape: str, side: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
 
 
-def render(caption: str, width: int, height: int, rng) -> torch.Tensor:
-    """Draw a caption: float tensor [3, H, W] in [-1, 1], every pixel a pure palette colour."""
-    scene = parse_caption(caption)
-    boxes = layout(scene, width, height, rng)              # checks the size first
+def draw(scene: Scene, boxes, width: int, height: int) -> torch.Tensor:
+    """A scene with its objects in the given boxes (layout's (x, y, side), one per object):
+    float tensor [3, H, W] in [-1, 1], every pixel a pure palette colour."""
     canvas = np.empty((height, width, 3), dtype=np.uint8)  # [H, W, 3]
     canvas[:] = PALETTE[scene.background]
     for obj, (x, y, side) in zip(scene.objects, boxes):
         canvas[y:y + side, x:x + side][shape_mask(obj.shape, side)] = PALETTE[obj.colour]
     return torch.from_numpy(canvas).permute(2, 0, 1).float() / 127.5 - 1  # [3, H, W]
+
+
+def render(caption: str, width: int, height: int, rng) -> torch.Tensor:
+    """Draw a caption: float tensor [3, H, W] in [-1, 1], every pixel a pure palette colour."""
+    scene = parse_caption(caption)
+    return draw(scene, layout(scene, width, height, rng), width, height)  # layout checks the size
 
 
 def render_batch(captions, width: int, height: int, seed: int = 0) -> torch.Tensor:
@@ -225,6 +331,9 @@ def batches(batch_size: int, sizes=SIZES, seed: int = 0, start_step: int = 0, st
 
 VOCAB = sorted({w for form in FORMS for w in form.split() if "{" not in w} | set(PALETTE) | set(SHAPES))
 MAX_WORDS = max(len(form.split()) for form in FORMS)  # 14: the "to the left of" form
+# the instructions' words that captions do not have, appended after VOCAB with their own draws so
+# that no caption word's embedding changes (the shipped teachers' inputs stay bit-identical)
+EDIT_WORDS = sorted({w for form in INSTRUCTIONS.values() for w in form.split() if "{" not in w} - set(VOCAB))
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -254,16 +363,17 @@ class ShapesTextEncoder(nn.Module):
             raise ValueError(f"ShapesTextEncoder needs an even dim >= 2 and pooled_dim >= 1, "
                              f"got dim={dim}, pooled_dim={pooled_dim}")
         self.context_dim, self.pooled_dim, self.max_length = dim, pooled_dim, MAX_WORDS
-        self.word_index = {w: i for i, w in enumerate(VOCAB)}
+        self.word_index = {w: i for i, w in enumerate(VOCAB + EDIT_WORDS)}
         g = torch.Generator().manual_seed(seed)
         words = torch.randn(len(VOCAB), dim, generator=g)                                # [V, Dc]
         positions = sinusoidal_positions(MAX_WORDS, dim)                                 # [L, Dc]
         projection = torch.randn(MAX_WORDS, dim, pooled_dim, generator=g) / math.sqrt(MAX_WORDS * dim)
-        tokens = words[None] + positions[:, None]                                        # [L, V, Dc]
-        pooled_table = torch.einsum("lvc,lcp->lvp", tokens, projection)                  # [L, V, Dp]
-        self.register_buffer("word_embedding", words, persistent=False)
+        edit_words = torch.randn(len(EDIT_WORDS), dim, generator=g)                      # [E, Dc], drawn last
+        tables = [torch.einsum("lvc,lcp->lvp", w[None] + positions[:, None], projection)  # [L, V or E, Dp]
+                  for w in (words, edit_words)]
+        self.register_buffer("word_embedding", torch.cat([words, edit_words]), persistent=False)
         self.register_buffer("position_code", positions, persistent=False)
-        self.register_buffer("pooled_table", pooled_table, persistent=False)
+        self.register_buffer("pooled_table", torch.cat(tables, dim=1), persistent=False)
 
     @torch.no_grad()
     def encode(self, prompts):
@@ -273,7 +383,7 @@ class ShapesTextEncoder(nn.Module):
         ids = torch.full((len(prompts), self.max_length), -1, dtype=torch.long)  # [B, L], -1 = padding
         for b, prompt in enumerate(prompts):
             empty = isinstance(prompt, str) and not prompt.strip()  # "" is the unconditional prompt
-            words = [] if empty else parse_caption(prompt).caption.split()
+            words = [] if empty else prompt_words(prompt)
             ids[b, :len(words)] = torch.tensor([self.word_index[w] for w in words], dtype=torch.long)
         ids = ids.to(self.word_embedding.device)
         real = (ids >= 0).unsqueeze(-1)                                                       # [B, L, 1]
@@ -284,6 +394,18 @@ class ShapesTextEncoder(nn.Module):
 
     def forward(self, prompts):
         return self.encode(prompts)
+
+
+def prompt_words(prompt: str) -> list:
+    """A caption's or an edit instruction's words, normalised; anything else is a ValueError."""
+    try:
+        return parse_caption(prompt).caption.split()
+    except ValueError as caption_error:
+        try:
+            return parse_instruction(prompt).text.split()
+        except ValueError:
+            raise ValueError(f"{caption_error}\n(or an edit instruction, for an editing model: "
+                             f"{', '.join(repr(f) for f in INSTRUCTIONS.values())})") from None
 
 # -----------------------------------------------------------------------------
 # judge: score an image against its caption, no learned model

@@ -5,6 +5,7 @@ with rectified flow. This is what makes `assets/shapes_vae.safetensors` and
 
     python train_teacher.py                    # the recipe of the shipped weights (a GPU)
     python train_teacher.py --preset quick     # a few minutes on a laptop CPU
+    python train_teacher.py --preset edit      # the editing teacher, from the shipped one (a GPU)
     python train_teacher.py --resume runs/teacher
 
 Phase 1, the VAE: scenes rendered on the fly, L1 reconstruction + a small KL term; then the
@@ -15,6 +16,10 @@ velocity eps - x0; captions are dropped (replaced by "") 10 % of the time so cla
 guidance works; each batch is one aspect-ratio bucket; an EMA of the weights is what is saved.
 Every step's data and noise are a pure function of (seed, step), so a resumed run continues
 exactly where it stopped.
+
+--task inpaint and --task edit fine-tune a text-to-image teacher (--init) into one that reads
+extra input channels: the mask and the known latent (inpainting.py), or the source image's
+latent (editing.py; the source is also dropped, replaced by a zero latent, for image guidance).
 """
 
 import dataclasses
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
+import editing
 import flow
 import inpainting
 import metrics
@@ -47,7 +53,7 @@ class Config:
     out: str = "runs/teacher"          # run folder: checkpoints, log.jsonl, sample grids
     resume: str = ""                   # a run folder to continue (its saved settings)
     overwrite: bool = False            # start again in an --out that holds a run (replaces it)
-    preset: str = "default"            # default | quick, inpaint: CPU minutes | test: seconds
+    preset: str = "default"            # default, edit (a GPU) | quick, inpaint: CPU minutes | test: seconds
     seed: int = 0                      # data, noise and init all derive from it
     device: str = "auto"               # auto: cuda, then mps, then cpu
     dtype: str = "auto"                # autocast dtype: auto = bf16 on CUDA, fp32 elsewhere
@@ -61,8 +67,8 @@ class Config:
     kl_weight: float = 1e-6            # small: the latent is rescaled afterwards anyway
     vae_max_minutes: float = 0.0       # stop the VAE phase after this wall time (0: no limit)
     # phase 2: teacher
-    task: str = "t2i"                  # t2i | inpaint (input: noisy latent, mask, known latent)
-    init: str = ""                     # start from this teacher's weights (inpaint: a t2i one)
+    task: str = "t2i"                  # t2i | inpaint (input: latent, mask, known latent) | edit (latent, source)
+    init: str = ""                     # start from this teacher's weights (inpaint, edit: a t2i one)
     model_config: str = "shapes"       # mmdit.CONFIGS name
     steps: int = 7000                  # teacher training steps
     batch_size: int = 256              # images per teacher step, all of one size (aspect bucket)
@@ -72,6 +78,7 @@ class Config:
     grad_clip: float = 1.0             # clip the gradient to this norm
     ema: float = 0.999                 # EMA decay of the saved weights
     caption_dropout: float = 0.1       # share of "" captions (unconditional, for CFG)
+    image_dropout: float = 0.1         # --task edit: share of zero source latents (image guidance)
     t_mean: float = 0.0                # logit-normal(t_mean, t_std) training times (SD3's)
     t_std: float = 1.0                 # ... their spread
     max_minutes: float = 0.0           # stop the teacher phase after this wall time (0: no limit)
@@ -80,6 +87,7 @@ class Config:
     sample_steps: int = 28             # Euler steps
     sample_cfg: float = 4.0            # classifier-free guidance scale
     sample_shift: float = 1.0          # timestep shift of the sampling schedule (1: none)
+    sample_image_cfg: float = 1.5      # --task edit: image guidance scale (editing.guided)
     # bookkeeping
     log_every: int = 50                # a log.jsonl line every this many steps
     sample_every: int = 2000           # preview grid (EMA weights, default sampler)
@@ -103,6 +111,10 @@ PRESETS = {
                     vae="assets/shapes_vae.safetensors", steps=600, batch_size=32, lr=2e-4,
                     warmup=50, ema=0.99, sample_every=0, ckpt_every=200, judge_n=128,
                     log_every=25),
+    # the editing teacher fine-tuned from the shipped one: the recipe of the shipped weights (a GPU)
+    "edit": dict(task="edit", init="assets/shapes_teacher.safetensors",
+                 vae="assets/shapes_vae.safetensors", steps=3000, batch_size=128, lr=3e-4,
+                 warmup=100, ema=0.995, sample_every=0, ckpt_every=500, judge_n=256),
     # seconds: the tests' tiny VAE and teacher
     "test": dict(vae_config="test", vae_steps=3, vae_batch=4, model_config="test", steps=4,
                  batch_size=4, warmup=1, sample_every=0, ckpt_every=2, judge_n=4, log_every=1,
@@ -117,22 +129,23 @@ TEXT_ENCODER = {"name": "shapes", "dim": 64, "pooled_dim": 64, "seed": 0}
 
 
 class SceneStream(torch.utils.data.IterableDataset):
-    """shapes.batches from a given step on, split over worker processes in step order."""
-    def __init__(self, batch_size, seed, start_step):
-        self.batch_size, self.seed, self.start = batch_size, seed, start_step
+    """shapes.batches (edit: editing.batches) from a given step on, split over worker processes
+    in step order: (images, captions) (edit: (targets, instructions, sources))."""
+    def __init__(self, batch_size, seed, start_step, edit=False):
+        self.batch_size, self.seed, self.start, self.edit = batch_size, seed, start_step, edit
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, n = (info.id, info.num_workers) if info else (0, 1)
         # worker k renders steps start + k, start + k + n, ...; the loader interleaves them
-        for images, captions, _ in shapes.batches(self.batch_size, seed=self.seed,
-                                                  start_step=self.start + wid, stride=n):
-            yield images, captions
+        stream = editing.batches if self.edit else shapes.batches
+        for *batch, _ in stream(self.batch_size, seed=self.seed, start_step=self.start + wid, stride=n):
+            yield batch
 
 
-def scene_loader(batch_size, seed, start_step, workers):
+def scene_loader(batch_size, seed, start_step, workers, edit=False):
     return iter(torch.utils.data.DataLoader(
-        SceneStream(batch_size, seed, start_step), batch_size=None, num_workers=workers,
+        SceneStream(batch_size, seed, start_step, edit), batch_size=None, num_workers=workers,
         collate_fn=lambda b: b, prefetch_factor=4 if workers else None,
         persistent_workers=False))
 
@@ -223,11 +236,17 @@ def drop_captions(captions, p, generator):
 def teacher_metadata(cfg, vae_file, step, extra=None):
     """What pipeline.load_pipeline reads: the shapes text encoder, the VAE file, the sampling
     defaults and the world's sizes."""
-    sampler = {"steps": cfg.sample_steps, "cfg": cfg.sample_cfg, "shift": cfg.sample_shift,
-               "sampler": "euler"}
+    sampler = sampling_defaults(cfg)
     return training.checkpoint_metadata("train_teacher.py", cfg, TEXT_ENCODER, vae_file, sampler,
                                         shapes.SIZES.values(), train_steps=str(step),
                                         **(extra or {}))
+
+
+def sampling_defaults(cfg):
+    """The checkpoint's sampling defaults (an editing teacher's with its image guidance)."""
+    image = {"image_cfg": cfg.sample_image_cfg} if cfg.task == "edit" else {}
+    return {"steps": cfg.sample_steps, "cfg": cfg.sample_cfg, "shift": cfg.sample_shift,
+            "sampler": "euler", **image}
 
 
 def save_teacher(cfg, ema, step, extra=None):
@@ -236,9 +255,9 @@ def save_teacher(cfg, ema, step, extra=None):
 
 
 def widen_input(state, in_channels):
-    """A text-to-image MMDiT state dict for a model with more input channels (an inpainting
-    model): the patch embedding's new input channels start at zero, so it begins as the t2i
-    model, ignoring the mask and the known latent until training teaches it to use them."""
+    """A text-to-image MMDiT state dict for a model with more input channels (an inpainting or
+    editing model): the patch embedding's new input channels start at zero, so it begins as the
+    t2i model, ignoring the extra channels until training teaches it to use them."""
     w = state["x_embedder.proj.weight"]                                # [D, z, p, p]
     if w.shape[1] > in_channels:
         raise ValueError(f"--init has {w.shape[1]} input channels, more than {in_channels}")
@@ -261,6 +280,7 @@ OPTION_RULES = {  # cli.check_options: each numeric option and what it allows
     "batch_size": cli.AT_LEAST_1, "lr": cli.POSITIVE, "warmup": cli.AT_LEAST_1,
     "weight_decay": cli.NON_NEGATIVE, "grad_clip": cli.POSITIVE, "ema": cli.DECAY,
     "caption_dropout": (lambda v: 0 <= v <= 1, "a share in [0, 1]"), "t_mean": cli.FINITE,
+    "image_dropout": (lambda v: 0 <= v <= 1, "a share in [0, 1]"), "sample_image_cfg": cli.NON_NEGATIVE,
     "t_std": cli.POSITIVE, "max_minutes": cli.NON_NEGATIVE, "sample_steps": cli.AT_LEAST_1,
     "sample_cfg": cli.NON_NEGATIVE, "sample_shift": cli.POSITIVE, "log_every": cli.AT_LEAST_1,
     "sample_every": cli.COUNT, "ckpt_every": cli.COUNT, "judge_n": cli.COUNT,
@@ -269,7 +289,7 @@ OPTION_RULES = {  # cli.check_options: each numeric option and what it allows
 
 def check_config(cfg):
     """Every option's value checked before any work (the VAE phase takes minutes)."""
-    for name, allowed in (("task", ("t2i", "inpaint")), ("vae_config", tuple(vae_lib.CONFIGS)),
+    for name, allowed in (("task", ("t2i", "inpaint", "edit")), ("vae_config", tuple(vae_lib.CONFIGS)),
                           ("model_config", tuple(mmdit.CONFIGS))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of "
@@ -292,7 +312,8 @@ def teacher_config(cfg, vae_config):
     base = mmdit.CONFIGS[cfg.model_config]
     tokens = max(max(s) for s in shapes.SIZES.values()) // (vae_config.factor * base.patch_size)
     z = vae_config.z_channels
-    mcfg = dataclasses.replace(base, in_channels=2 * z + 1 if cfg.task == "inpaint" else z,
+    in_channels = {"t2i": z, "inpaint": 2 * z + 1, "edit": 2 * z}[cfg.task]  # + mask, known / source
+    mcfg = dataclasses.replace(base, in_channels=in_channels,
                                pos_embed_max_size=max(base.pos_embed_max_size, tokens),
                                out_channels=z, context_dim=TEXT_ENCODER["dim"],
                                pooled_dim=TEXT_ENCODER["pooled_dim"])
@@ -369,9 +390,7 @@ def train(cfg):
         print(f"resumed {cfg.out} at step {start}")
     print(f"teacher: {mmdit.count_params(model) / 1e6:.1f}M params, {cfg.steps} steps of "
           f"{cfg.batch_size} on {device} ({amp}) x {world.size} process(es), {workers} data workers")
-    pipe = pipeline.Pipeline(model=ema, text_encoder=text_encoder, vae=vae,
-                    defaults={"steps": cfg.sample_steps, "cfg": cfg.sample_cfg,
-                              "shift": cfg.sample_shift, "sampler": "euler"},
+    pipe = pipeline.Pipeline(model=ema, text_encoder=text_encoder, vae=vae, defaults=sampling_defaults(cfg),
                     sizes=list(shapes.SIZES.values()), path=cfg.out)
 
     def save_state(step):
@@ -381,13 +400,13 @@ def train(cfg):
                             "optimizer": opt.state_dict(), "step": step}, state_path)
         save_teacher(cfg, ema, step)
 
-    data = scene_loader(cfg.batch_size, cfg.seed, start, workers)
+    data = scene_loader(cfg.batch_size, cfg.seed, start, workers, edit=cfg.task == "edit")
     t0, seen, step = time.time(), 0, start
     bar = tqdm(range(start, cfg.steps), desc="teacher", initial=start, total=cfg.steps,
                dynamic_ncols=True, disable=not world.main)
     with training.finish_step_on_interrupt() as interrupt:  # Ctrl-C: finish the step, save
         for step in bar:
-            images, captions = next(data)                                   # the global batch
+            images, captions, *sources = next(data)                         # the global batch
             g = training.step_generator(cfg.seed, step, device)
             captions = world.rows(drop_captions(captions, cfg.caption_dropout, g))
             with torch.no_grad():
@@ -399,6 +418,10 @@ def train(cfg):
                     masks = world.rows(torch.stack([inpainting.random_mask(im, rng) for im in images]))
                     m = inpainting.latent_mask(masks, vae.config.factor).to(device)  # [B / N, 1, h, w]
                     known = inpainting.known_channels(x0, m)                   # [B / N, 1 + z, h, w]
+                if cfg.task == "edit":  # the source's latent, zero in a share of rows
+                    drop = world.rows(torch.rand(len(images), generator=g, device=device) < cfg.image_dropout)
+                    known = vae.encode(world.rows(sources[0]).to(device))       # [B / N, z, h, w]
+                    known = known * ~drop[:, None, None, None]
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -435,6 +458,8 @@ def train(cfg):
     if cfg.judge_n:
         if cfg.task == "inpaint":  # edits with a known answer, judged against the new caption
             scores = metrics.judge_edits(pipe, cfg.judge_n, progress=True)
+        elif cfg.task == "edit":  # instructions with a known answer: followed, preserved, both
+            scores = editing.evaluate(pipe, cfg.judge_n, progress=True)[0]
         else:
             scores = metrics.judge_pipeline(pipe, cfg.judge_n, seed=1234, progress=True)
         print("judge:", json.dumps(scores))

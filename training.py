@@ -24,7 +24,8 @@ import mmdit
 import weights
 
 SHIPPED = {"t2i": "shapes_teacher.safetensors",             # assets/: the shapes world's teachers
-           "inpaint": "shapes_inpaint_teacher.safetensors"}
+           "inpaint": "shapes_inpaint_teacher.safetensors",
+           "edit": "shapes_edit_teacher.safetensors"}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,6 +68,26 @@ def make_inpainting_checkpoint(folder, sampler, name="inpaint.safetensors"):
     return path
 
 
+def make_edit_checkpoint(folder, sampler, name="edit.safetensors"):
+    """make_checkpoint's model as an editing model (latent and source latent in), its new input
+    channels random rather than zero so that they matter, next to the t2i file. Its sampling
+    defaults get image_cfg 1.5 unless `sampler` has one."""
+    import dataclasses
+    from train_teacher import widen_input
+    t2i = mmdit.MMDiT.from_pretrained(make_checkpoint(folder, sampler))
+    z = t2i.config.out_channels
+    model = mmdit.MMDiT(dataclasses.replace(t2i.config, in_channels=2 * z))
+    model.load_state_dict(widen_input(t2i.state_dict(), 2 * z))
+    with torch.no_grad():
+        model.x_embedder.proj.weight[:, z:] += 0.05 * torch.randn_like(model.x_embedder.proj.weight[:, z:])
+    meta = {k: v for k, v in weights.load_metadata(os.path.join(folder, "model.safetensors")).items()
+            if k not in ("kind", "config")}
+    meta["sampler"] = json.dumps({"image_cfg": 1.5, **sampler})
+    path = os.path.join(folder, name)
+    model.save_pretrained(path, meta)
+    return path
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread(request):
     """Models this small gain nothing from threads; one thread keeps a busy 2-core box fast.
