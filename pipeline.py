@@ -422,12 +422,33 @@ def check_size(pipe, width, height):
 
 
 def velocity_of(model):
-    """The model as flow.sample wants it: the latent state stays fp32, the model runs in its dtype."""
+    """The model as flow.sample wants it: the latent state stays fp32, the model runs in its dtype.
+    An input of other than the model's channel count (a script that cannot run this kind of
+    model) is a one-line error naming the kind and the script that runs it."""
     dtype = next(model.parameters()).dtype
+    c = model.config
 
     def velocity(x, t, context, pooled):
+        if x.shape[1] != c.in_channels:
+            raise ValueError(wrong_kind(c, "this checkpoint", x.shape[1]))
         return model(x.to(dtype), t, context.to(dtype), pooled.to(dtype)).float()
     return velocity
+
+
+def wrong_kind(config, name, given=None):
+    """Why a script cannot run an MMDiT (`name`: the checkpoint) that reads other input than it
+    gives (`given` channels; None: a text-to-image model's), and which script can."""
+    cin, z = config.in_channels, config.out_channels
+    got = "" if given is None else f"; it was given {given}"
+    if cin == 2 * z:
+        return (f"{name} is an instruction-editing model (it reads {cin} input channels: latent and "
+                f"source latent{got}); use edit.py: python edit.py --ckpt CKPT --image SOURCE.png "
+                f'--instruction "make the red circle blue"')
+    if cin == 2 * z + 1:
+        return (f"{name} is an inpainting model ({cin} input channels: latent, mask, known "
+                f"latent{got}); use inpaint.py with an image and a mask")
+    return (f"{name} reads {cin} input channels for {z} latent channels{got}: a text-to-image "
+            f"model reads {z}, an inpainting one {2 * z + 1}, an editing one {2 * z}")
 
 
 def _decode(pipe, latents):
@@ -462,9 +483,8 @@ def generate(pipe, prompts, width, height, steps=None, cfg=None, shift=None, sam
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: must be an integer >= 1")
     c = pipe.model.config
-    if c.in_channels != c.out_channels:
-        raise ValueError(f"{pipe.path} is an inpainting model ({c.in_channels} input channels: "
-                         "latent, mask, known latent); use inpaint.py with an image and a mask")
+    if c.in_channels != c.out_channels:  # an inpainting or an editing model: say which script
+        raise ValueError(wrong_kind(c, pipe.path))
     cond = prompts if isinstance(prompts, Conditioning) else encode(pipe, prompts)
     got = (cond.context.shape[-1], cond.pooled.shape[-1])
     want = (pipe.model.config.context_dim, pipe.model.config.pooled_dim)

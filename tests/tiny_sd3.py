@@ -4,6 +4,7 @@ A tiny random SD3, written the way the real releases are, for trying the real-SD
     python tests/tiny_sd3.py --out tiny-sd3                      # the diffusers layout (a folder)
     python tests/tiny_sd3.py --out tiny-sd3.safetensors --layout single   # the ..._incl_clips file
     python tests/tiny_sd3.py --out tiny-sd35m --variant sd3.5-medium
+    python tests/tiny_sd3.py --out tiny-sd3-edit --edit         # an instruction-editing variant
 
 The diffusers layout is what `StableDiffusion3Pipeline.from_pretrained` reads: model_index.json,
 transformer/, vae/, text_encoder/ (CLIP-L), text_encoder_2/ (CLIP-G), text_encoder_3/ (T5),
@@ -20,10 +21,17 @@ CLIP's real vocabulary (their BPE ships in assets/), a 2-block T5 of width 192 o
 57-piece SentencePiece vocabulary. Default size 32x32 (transformer sample_size 4), at most
 128x128 (pos_embed_max_size 8). Building one takes about a second.
 
+--edit writes the instruction-editing variant (editing.py): the same model whose patch embedding
+reads 2 x 16 = 32 channels, [noisy latent | source latent], 16 out (transformer/config.json
+in_channels 32, out_channels 16). Its first 16 input channels are the plain model's weights
+(seed for seed); the 16 new ones are random rather than zero (train_teacher.widen_input's start),
+so that the source matters. No SD3 editing weights are public: this is a shape, not a model.
+
 Nothing here imports pytest: the docs' commands run this file as a script.
 """
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -59,9 +67,10 @@ T5_PIECES = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
                 ("▁the", -2.0), ("ing", -2.0), ("▁ca", -3.0), ("ts", -1.0)])
 
 
-def mmdit_config(variant):
-    return mmdit.MMDiTConfig(depth=2, hidden_size=128, num_heads=2, patch_size=2, in_channels=16,
-                             out_channels=16, pos_embed_max_size=8,
+def mmdit_config(variant, edit=False):
+    """The tiny MMDiT; edit: the editing variant, [latent | source latent] in (2 x 16 channels)."""
+    return mmdit.MMDiTConfig(depth=2, hidden_size=128, num_heads=2, patch_size=2,
+                             in_channels=32 if edit else 16, out_channels=16, pos_embed_max_size=8,
                              pooled_dim=CLIP_L.width + CLIP_G.projection_dim,
                              context_dim=T5.d_model, **VARIANTS[variant])
 
@@ -83,8 +92,9 @@ def _randomize(module, seed):
     return module
 
 
-def build_models(variant="sd3-medium", seed=0):
-    """{"mmdit", "vae", "clip_l", "clip_g", "t5xxl"}: this project's modules, random, float32."""
+def build_models(variant="sd3-medium", seed=0, edit=False):
+    """{"mmdit", "vae", "clip_l", "clip_g", "t5xxl"}: this project's modules, random, float32.
+    edit: the MMDiT as an editing model (widen_to_edit), everything else the same."""
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     models = {"mmdit": mmdit.MMDiT(mmdit_config(variant)), "vae": vae_lib.VAE(VAE),
@@ -94,7 +104,24 @@ def build_models(variant="sd3-medium", seed=0):
         _randomize(m, 1000 * seed + i)
     with torch.no_grad():  # images mostly inside [-1, 1], not clamped (comparisons then mean something)
         models["vae"].decoder.conv_out.weight.mul_(0.1)
+    if edit:
+        models["mmdit"] = widen_to_edit(models["mmdit"], 1000 * seed + len(models))
     return models
+
+
+def widen_to_edit(model, seed):
+    """An MMDiT -> its editing variant, reading [latent | source latent] (2 z channels in, z
+    out): the patch embedding's old channels keep their weights, the new ones are random
+    (seeded, the old ones' scale), not zero as train_teacher.widen_input starts them."""
+    c = model.config
+    wide = mmdit.MMDiT(dataclasses.replace(c, in_channels=2 * c.out_channels))
+    state = dict(model.state_dict())
+    w = state["x_embedder.proj.weight"]                                   # [D, z, p, p]
+    g = torch.Generator().manual_seed(seed)
+    new = torch.randn(w.shape, generator=g) / w[0].numel() ** 0.5         # [D, z, p, p]
+    state["x_embedder.proj.weight"] = torch.cat([w, new], dim=1)          # [D, 2z, p, p]
+    wide.load_state_dict(state)
+    return wide
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,10 +297,11 @@ def write_single(path, models, dtype=torch.float32):
     return path
 
 
-def build(out, variant="sd3-medium", layout="diffusers", seed=0, dtype=torch.float32):
+def build(out, variant="sd3-medium", layout="diffusers", seed=0, dtype=torch.float32, edit=False):
     """A tiny random SD3 at `out` (a folder for the diffusers layout, a .safetensors file for the
-    single-file one) -> out. The same variant and seed give the same weights in both layouts."""
-    models = build_models(variant, seed)
+    single-file one) -> out. The same variant and seed give the same weights in both layouts.
+    edit: the instruction-editing variant (32 input channels)."""
+    models = build_models(variant, seed, edit)
     if layout == "diffusers":
         return write_diffusers(os.fspath(out), models, dtype)
     if layout == "single":
@@ -290,11 +318,15 @@ def main(argv=None):
     p.add_argument("--layout", default="diffusers", choices=["diffusers", "single"],
                    help="a diffusers folder, or one ..._incl_clips file with every component")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--edit", action="store_true",
+                   help="the instruction-editing variant: the MMDiT reads [latent | source latent], "
+                        "32 channels in, 16 out (edit.py)")
     a = p.parse_args(argv)
     if os.path.exists(a.out) and (os.path.isfile(a.out) or os.listdir(a.out)):
         sys.exit(f"error: --out {a.out} exists; pass a new path")
-    build(a.out, a.variant, a.layout, a.seed)
-    print(f"wrote a tiny random {a.variant} ({a.layout} layout) to {a.out}")
+    build(a.out, a.variant, a.layout, a.seed, edit=a.edit)
+    kind = " editing" if a.edit else ""
+    print(f"wrote a tiny random{kind} {a.variant} ({a.layout} layout) to {a.out}")
 
 
 if __name__ == "__main__":
