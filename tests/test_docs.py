@@ -406,6 +406,7 @@ SCRIPTS = {
     "train_teacher.py": TRAINING,
     "sample.py": until(("pipeline", "load_pipeline")),
     "inpaint.py": until(("pipeline", "load_pipeline")),
+    "edit.py": until(("pipeline", "load_pipeline")),
     "evaluate.py": until(("pipeline", "load_pipeline"), inputs=("ckpt",)),
     "text_encoders.py": until(("", "SD3TextEncoder.from_pretrained")),
     "bench.py": parse_then_stop(),
