@@ -113,8 +113,8 @@ PRESETS = {
                     log_every=25),
     # the editing teacher fine-tuned from the shipped one: the recipe of the shipped weights (a GPU)
     "edit": dict(task="edit", init="assets/shapes_teacher.safetensors",
-                 vae="assets/shapes_vae.safetensors", steps=3000, batch_size=128, lr=3e-4,
-                 warmup=100, ema=0.995, sample_every=0, ckpt_every=500, judge_n=256),
+                 vae="assets/shapes_vae.safetensors", steps=3000, batch_size=256, lr=4e-4,
+                 warmup=200, ema=0.998, sample_every=0, ckpt_every=500, judge_n=256),
     # seconds: the tests' tiny VAE and teacher
     "test": dict(vae_config="test", vae_steps=3, vae_batch=4, model_config="test", steps=4,
                  batch_size=4, warmup=1, sample_every=0, ckpt_every=2, judge_n=4, log_every=1,
