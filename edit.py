@@ -3,15 +3,15 @@ Instruction editing: a source image and an instruction in, the edited image out,
 model (it reads the source's latent beside the noisy one; editing.py).
 
     python edit.py --ckpt assets/shapes_edit_teacher.safetensors --image docs/inpaint_in.png \\
-        --instruction "make the red circle blue"
+        --instruction "make the red circle blue" --out edited.png
     python edit.py --ckpt runs/ladd_edit --image in.png --instruction "remove the green triangle" \\
         --instruction "make the background white" --out edits     # a student: its few steps
     python edit.py --ckpt assets/shapes_edit_teacher.safetensors --eval 256 --out eval/edit
     python edit.py --ckpt tiny-sd3-edit --image photo.png --instruction "make it winter"  # SD3
 
-Writes out.png (the first edit; with several instructions also 000.png, 001.png, ..., one per
-instruction, as inpaint.py), strip.png (source | output, a row per instruction) and the resolved
-config.json into the --out folder. --eval N instead judges N random shapes-world edits with an
+--out FILE.png writes that one edited image. A folder --out gets out.png (the first edit; with
+several instructions also 000.png, 001.png, ..., one per instruction, as inpaint.py), strip.png
+(source | output, a row per instruction) and the resolved config.json. --eval N instead judges N random shapes-world edits with an
 exact answer (followed, preserved, both: editing.judge_edit), prints them as one JSON line with
 the settings used and writes grid.png (source | output | target, the first edits) and
 scores.json. A folder holding earlier outputs is refused (--overwrite replaces them), and so are
@@ -49,7 +49,7 @@ class EditConfig:
     image_cfg: float = None          # image guidance (the source), 1 = unguided; None: the checkpoint's
     sampler: str = None              # euler | renoise; None: the checkpoint's
     seed: int = 0                    # edit i starts from the noise of seed + i
-    out: str = "edit"                # a folder, as inpaint.py: out.png, 000.png ... (one per instruction), strip.png
+    out: str = "edit"                # FILE.png: the one edit | a folder: out.png, 000.png ... (one per instruction), strip.png
     overwrite: bool = False          # replace the earlier outputs in --out (else such a folder is refused)
     text_encoders: str = None        # SD3: the file or diffusers folder with CLIP-L, CLIP-G, T5; None: the ckpt's
     no_t5: bool = False              # SD3: encode without T5 (its context rows are zeros)
@@ -91,9 +91,21 @@ def check_options(c):
     if c.text_encoders and not os.path.exists(c.text_encoders):
         raise FileNotFoundError(f"--text-encoders {c.text_encoders}: no such file or folder; pass "
                                 "the SD3 file or diffusers folder that holds CLIP-L, CLIP-G and T5")
+    if is_file_out(c):
+        if c.eval or len(c.instruction) != 1:
+            raise ValueError(f"--out {c.out} is one image: it takes exactly one --instruction; pass a "
+                             "folder for several instructions or for --eval")
+        if os.path.exists(c.out) and not c.overwrite:
+            raise ValueError(f"--out {c.out} exists; pass another file name, or --overwrite to replace it")
+        cli.check_out_folder(os.path.dirname(c.out) or ".")
+        return
     if os.path.exists(c.out) and not os.path.isdir(c.out):
         raise ValueError(f"--out {c.out} is a file; pass a folder for the outputs")
     cli.check_out_folder(c.out)
+
+
+def is_file_out(c):
+    return c.out.lower().endswith((".png", ".jpg", ".jpeg"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +161,8 @@ def load(c, instructions=(), shapes_only=False):
     shapes_only, that it is one) checked from the header first where it tells, then from the
     loaded model."""
     def check(cin, cout, shapes_world):
-        check_kind(c.ckpt, cin, cout, shapes_world)
+        if not (shapes_only and cin == cout):  # --eval judges a t2i model on the target captions
+            check_kind(c.ckpt, cin, cout, shapes_world)
         if shapes_only and not shapes_world:
             raise ValueError(f"--eval needs a shapes-world editing model (its edits have an exact "
                              f"answer); {c.ckpt} is not one")
@@ -163,16 +176,6 @@ def load(c, instructions=(), shapes_only=False):
                                   text_encoders_path=c.text_encoders, no_t5=c.no_t5)
     check(pipe.model.config.in_channels, pipe.model.config.out_channels, pipeline.is_shapes(pipe))
     return pipe
-
-
-def check_out(c):
-    """images.check_out, and scores.json too (a name images.OUTPUTS does not know)."""
-    earlier = images.check_out(c.out, c.overwrite)
-    mine = [n for n in ("scores.json",) if os.path.isfile(os.path.join(c.out, n))]
-    if mine and not c.overwrite:
-        raise ValueError(f"--out {c.out} holds earlier outputs ({', '.join(mine)}) that would mix "
-                         "with this run's; pass a new --out, or --overwrite to replace them")
-    return earlier + mine
 
 
 def resolved(c, pipe, settings, **extra):
@@ -189,12 +192,17 @@ def run_eval(c):
     """--eval N: judge N random edits, print the scores as one JSON line, write grid.png and
     scores.json into --out."""
     pipe = load(c, shapes_only=True)
-    earlier = check_out(c)
+    earlier = images.check_out(c.out, c.overwrite)
+    baseline = not editing.is_edit_model(pipe.model)
+    if baseline and c.image_cfg is not None:
+        raise ValueError(f"--image-cfg {c.image_cfg}: {c.ckpt} is a text-to-image model, which "
+                         "never sees the source; leave --image-cfg out")
     s = editing.edit_settings(pipe, c.steps, c.cfg, c.image_cfg, c.sampler)
     if not c.quiet:
-        nfe = s["steps"] * (1 if s["cfg"] == 1 and s["image_cfg"] == 1 else 3)  # editing.guided
-        print(f"judging {c.eval} edits: {c.eval * nfe} network evaluations ({nfe} an edit)",
-              file=sys.stderr)
+        nfe = s["steps"] * (1 if s["cfg"] == 1 and s["image_cfg"] == 1 else 2 if baseline else 3)
+        print(f"judging {c.eval} edits: {c.eval * nfe} network evaluations ({nfe} an edit)"
+              + (" of a text-to-image model, drawing the target captions: it never sees the source"
+                 if baseline else ""), file=sys.stderr)
     scores, rows = editing.evaluate(pipe, c.eval, c.seed, progress=not c.quiet,
                                     keep=min(c.eval, GRID_ROWS), steps=c.steps, cfg=c.cfg,
                                     image_cfg=c.image_cfg, sampler=c.sampler)
@@ -203,7 +211,7 @@ def run_eval(c):
     # an edit's instruction does not depend on its size (editing.random_task)
     labels = [editing.task_of(c.seed, i, *pipe.sizes[0]).instruction.text for i in range(len(rows))]
     images.save_strip([list(r) for r in rows], os.path.join(c.out, "grid.png"), labels)
-    used = {"steps": s["steps"], "cfg": s["cfg"], "image_cfg": s["image_cfg"]}
+    used = {"steps": s["steps"], "cfg": s["cfg"], "image_cfg": None if baseline else s["image_cfg"]}
     report = resolved(c, pipe, {k: v for k, v in s.items() if k != "sigmas"}, scores=scores)
     weights.atomic_write(os.path.join(c.out, "scores.json"),
                          lambda f: f.write(json.dumps(report, indent=2).encode()))
@@ -226,6 +234,9 @@ def run(c):
         raise ValueError('no instructions: pass --instruction "make the red circle blue" (repeat '
                          "it for more, one output each) or --instruction FILE.txt")
     pipeline.check_seed(c.seed, len(instructions))
+    if is_file_out(c) and len(instructions) != 1:
+        raise ValueError(f"--out {c.out} is one image, and --instruction {c.instruction[0]} holds "
+                         f"{len(instructions)} instructions; pass a folder as --out")
     try:
         source = images.load_image(c.image)                            # [3, H, W]
     except FileNotFoundError:
@@ -234,11 +245,17 @@ def run(c):
     H, W = source.shape[1:]
     pipe = load(c, instructions)
     pipeline.check_size(pipe, W, H)
-    earlier = check_out(c)  # after loading: tests/test_docs.py runs up to it
+    # after loading: tests/test_docs.py runs up to it
+    earlier = [] if is_file_out(c) else images.check_out(c.out, c.overwrite)
     s = editing.edit_settings(pipe, c.steps, c.cfg, c.image_cfg, c.sampler)
     results = editing.edit(pipe, source, instructions, steps=c.steps, cfg=c.cfg,
                            image_cfg=c.image_cfg, sampler=c.sampler, seed=c.seed)  # [N, 3, H, W]
     pipeline.check_finite_output(results, s["cfg"], pipe.dtype)
+    if is_file_out(c):
+        images.save_png(results[0], c.out)
+        if not c.quiet:
+            print(f"wrote {c.out} ({W}x{H})")
+        return [c.out]
     images.clear_out(c.out, earlier, c.quiet)
 
     os.makedirs(c.out, exist_ok=True)

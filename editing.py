@@ -237,14 +237,16 @@ def edit(pipe, images, instructions, steps=None, cfg=None, image_cfg=None, sampl
     latents = edit_latents(pipe, source, cond, [seed + k for k in range(n)], steps, cfg, image_cfg,
                            sampler)
     out = pipe.vae.decode(latents.to(pipe.device)).float().cpu()                  # [N, 3, H, W]
-    pipeline.check_finite_output(out, cfg, pipe.dtype)
+    pipeline.check_finite_output(out, edit_settings(pipe, steps, cfg, image_cfg, sampler)["cfg"], pipe.dtype)
     return out
 
 
 def evaluate(pipe, n=256, seed=0, progress=False, batch_size=64, keep=0, **settings):
     """The edit judge on n random edits (task_of(seed, i); a block of them at each of the
     checkpoint's sizes), edit i from the noise of seed + i -> (mean followed, preserved and
-    both, [(source, output, target) images of the first `keep` edits]). settings: edit's."""
+    both, [(source, output, target) images of the first `keep` edits]). settings: edit's.
+    A text-to-image model draws the target's caption instead: the baseline that never sees the
+    source (settings: pipeline.generate's, image_cfg left out)."""
     size_of = [tuple(pipe.sizes[i * len(pipe.sizes) // n]) for i in range(n)]
     blocks = {}
     for i, size in enumerate(size_of):
@@ -255,8 +257,13 @@ def evaluate(pipe, n=256, seed=0, progress=False, batch_size=64, keep=0, **setti
             tasks = [task_of(seed, i, *size_of[i]) for i in index]
             pairs = [t.render() for t in tasks]
             sources = torch.stack([p[0] for p in pairs])                        # [b, 3, H, W]
-            outs = edit(pipe, sources, [t.instruction.text for t in tasks], seed=seed + index[0],
-                        **settings)                                             # [b, 3, H, W]
+            if is_edit_model(pipe.model):
+                outs = edit(pipe, sources, [t.instruction.text for t in tasks], seed=seed + index[0],
+                            **settings)                                         # [b, 3, H, W]
+            else:
+                settings.pop("image_cfg", None)
+                outs = pipeline.generate(pipe, [t.target.caption for t in tasks], *size_of[index[0]],
+                                         seed=seed + index[0], progress=False, **settings)
             rows += [judge_edit(out, t) for out, t in zip(outs, tasks)]
             kept += [(p[0], out, p[1]) for p, out in zip(pairs, outs)][:max(0, keep - len(kept))]
             bar.update(len(index))

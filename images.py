@@ -116,12 +116,13 @@ def load_mask(path):
 # the files each image-writing script puts in its --out, by name
 OUTPUTS = {"sample.py": r"\d{3}\.png|grid\.png|trajectory\.png|prompts\.txt|config\.json",
            "inpaint.py": r"out\.png|\d{3}\.png|strip\.png|config\.json|edits\.json",
+           "edit.py": r"out\.png|\d{3}\.png|strip\.png|config\.json|grid\.png|scores\.json",
            "evaluate.py": r"results\.json|results\.md|grid\.png"}
 RUN_FILES = ("log.jsonl", "state.safetensors", "model.safetensors")  # a training run's folder
 
 
 def earlier_outputs(folder):
-    """The files in `folder` that sample.py, inpaint.py or evaluate.py write (by their names)."""
+    """The files in `folder` that sample.py, inpaint.py, edit.py or evaluate.py write (by their names)."""
     if not os.path.isdir(folder):
         return []
     pattern = re.compile("|".join(OUTPUTS.values()))

@@ -219,7 +219,40 @@ def test_a_wrong_checkpoint_or_instruction_is_refused_before_loading(models, tmp
                                     (models["teacher"], "make it pop", "edit grammar")):
         expect_error(capsys, ["--ckpt", ckpt, "--image", models["source"], "--instruction",
                               instruction, "--out", tmp_path / "o"], word)
-    expect_error(capsys, ["--ckpt", models["t2i"], "--eval", 2, "--out", tmp_path / "o"], "text-to-image")
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_as_a_png_file_is_the_one_edit_and_nothing_else(models, tmp_path, capsys):
+    out = tmp_path / "edited.png"
+    run_edit("--ckpt", models["teacher"], "--image", models["source"], "--instruction", RECOLOUR,
+             "--steps", 1, "--out", out, "--quiet")
+    assert os.listdir(tmp_path) == ["edited.png"] and read_png(out).shape == read_png(models["source"]).shape
+    run_edit("--ckpt", models["teacher"], "--image", models["source"], "--instruction", RECOLOUR,
+             "--steps", 1, "--out", tmp_path / "folder", "--quiet")
+    assert np.array_equal(read_png(out), read_png(tmp_path / "folder" / "out.png"))
+    before = out.read_bytes()
+    expect_error(capsys, ["--ckpt", models["teacher"], "--image", models["source"], "--instruction",
+                          RECOLOUR, "--out", out], "exists", "--overwrite")
+    expect_error(capsys, ["--ckpt", models["teacher"], "--image", models["source"], "--instruction",
+                          RECOLOUR, "--instruction", RECOLOUR, "--out", tmp_path / "two.png"],
+                 "one --instruction")
+    assert out.read_bytes() == before and not (tmp_path / "two.png").exists()
+
+
+def test_eval_of_a_text_to_image_model_draws_the_target_captions(models, tmp_path, capsys):
+    """The baseline that never sees the source: its samples of the target captions, judged as
+    edits (the same numbers as the library's), and no image guidance to set."""
+    run_edit("--ckpt", models["t2i"], "--eval", 3, "--steps", 1, "--out", tmp_path / "t2i", "--quiet")
+    line = json.loads(capsys.readouterr().out)
+    assert line["image_cfg"] is None and line["steps"] == 1
+    pipe = pipeline.load_pipeline(models["t2i"])
+    scores, rows = editing.evaluate(pipe, 3, 0, keep=1, steps=1)
+    assert scores == {k: line[k] for k in scores}
+    task = editing.task_of(0, 0, *pipe.sizes[0])
+    want = pipeline.generate(pipe, [task.target.caption], *pipe.sizes[0], steps=1, progress=False)
+    torch.testing.assert_close(rows[0][1], want[0], rtol=0, atol=1e-5)  # batch 3 vs 1
+    expect_error(capsys, ["--ckpt", models["t2i"], "--eval", 2, "--image-cfg", 2, "--out",
+                          tmp_path / "o"], "--image-cfg", "text-to-image")
     assert not (tmp_path / "o").exists()
 
 

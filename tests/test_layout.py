@@ -9,7 +9,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY = ("train_ladd", "train_teacher", "sample", "inpaint", "evaluate", "bench")
+ENTRY = ("train_ladd", "train_teacher", "sample", "inpaint", "edit", "evaluate", "bench")
 # bench's `ladd` case times the training script's own step functions, in a child process
 MEASURES = {("bench", "train_ladd")}
 
