@@ -172,3 +172,32 @@ def test_a_size_that_does_not_fit_names_the_allowed_ones(teacher, tmp_path, caps
     expect_error(capsys, ["--ckpt", teacher, "--sizes", size, "--n", "4", "--out", str(tmp_path / "o"),
                           "--device", "cpu", "--quiet"], *words)
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# --edits: instruction edits judged exactly
+
+
+def test_edits_rows_are_editing_evaluate_s_numbers_and_the_grid_a_row_per_edit(tmp_path, capsys):
+    import editing
+    from conftest import LADD_SAMPLER, make_edit_checkpoint
+    edit = make_edit_checkpoint(str(tmp_path), LADD_SAMPLER)
+    t2i = str(tmp_path / "model.safetensors")
+    evaluate.main(["--edits", "--ckpt", edit, "--ckpt", edit, "--ckpt", t2i, "--steps", "2",
+                   "--steps", "1", "--steps", "1", "--image-cfg", "1", "--n", "3", "--seed", "4",
+                   "--device", "cpu", "--out", str(tmp_path / "ev"), "--quiet"])
+    rows = json.loads((tmp_path / "ev" / "results.json").read_text())["results"]
+    pipe = pipeline.load_pipeline(edit)
+    want = editing.evaluate(pipe, 3, 4, steps=2, image_cfg=1)[0]
+    assert {k: rows[0][k] for k in want} == want
+    assert [(r["steps"], r["image_cfg"], r["nfe"]) for r in rows] == [(2, 1.0, 6), (1, 1.0, 3), (1, None, 2)]
+    assert "draws the target caption" in rows[2]["name"]
+    table = (tmp_path / "ev" / "results.md").read_text().splitlines()
+    assert "followed" in table[0] and len(table) == 2 + 3
+    w, h = Image.open(tmp_path / "ev" / "grid.png").size   # 3 edits: source | 3 rows | target
+    assert h == 2 + 3 * (16 + 2) and w > 5 * (24 + 2)
+    expect_error(capsys, ["--ckpt", edit, "--image-cfg", "2", "--out", str(tmp_path / "x")],
+                 "--image-cfg", "--edits")
+    expect_error(capsys, ["--edits", "--ckpt", edit, "--sizes", "unseen", "--out", str(tmp_path / "x")],
+                 "--sizes", "checkpoint's sizes")
+    assert not (tmp_path / "x").exists()
