@@ -1,9 +1,11 @@
 """
 LADD's training data: latents the teacher generated itself (guided, at its default steps), with
 their prompts' conditioning, one aspect-ratio bucket per size; or, for ablations, rendered
-shapes-world images through the VAE ("real" data). Generated once, cached as fp16 safetensors
-shards in a folder named by the hash of every setting that changes them, and reused by every
-run with the same settings (an interrupted generation continues at the first missing shard).
+shapes-world images through the VAE ("real" data). --task inpaint and --task edit add their
+teachers' extra input channels ("extra": the mask and known latent, or the source's latent).
+Generated once, cached as fp16 safetensors shards in a folder named by the hash of every setting
+that changes them, and reused by every run with the same settings (an interrupted generation
+continues at the first missing shard).
 The teacher (and a --cond file) are named by the sha256 of their tensors, so two checkpoints
 with the same layout but other weights never share samples. Training reads the shards memory-
 mapped, in fp16: a batch's rows are converted to fp32 when drawn, nothing is held in RAM.
@@ -18,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import cli
+import editing
 import inpainting
 import pipeline
 import shapes
@@ -26,7 +29,16 @@ import weights
 
 
 def prompt_source(cfg, pipe):
-    """-> (describe: str for the cache key, conditioning(indices) -> (Conditioning, captions))."""
+    """-> (describe: str for the cache key, conditioning(indices) -> (Conditioning, captions)).
+    --task edit: caption i is the instruction of edit_task(cfg, i, ...) (ladd_run.check_config
+    refuses --prompts and --cond with it)."""
+    if cfg.task == "edit":
+        w, h = pipe.sizes[0]  # an edit's instruction does not depend on the size
+
+        def take_edits(index):
+            captions = [edit_task(cfg, i, w, h).instruction.text for i in index]
+            return pipeline.encode(pipe, captions), captions
+        return "edit-tasks", take_edits
     if cfg.cond and cfg.prompts:
         raise ValueError("--cond replaces --prompts; pass one or the other")
     if cfg.cond:
@@ -102,7 +114,9 @@ def data_settings(cfg, pipe, describe, sizes):
                 "steps": cfg.data_steps or d["steps"], "cfg": cfg.data_cfg or d["cfg"],
                 "shift": d.get("shift"), "sampler": d["sampler"],
                 "sizes": [list(s) for s in sizes], "size": cfg.data_size, "seed": cfg.seed}
-    if cfg.data == "real" or cfg.task == "inpaint":  # the VAE encodes the data
+    if cfg.task == "edit":  # the teacher's image guidance of its edits
+        settings["image_cfg"] = editing.edit_settings(pipe)["image_cfg"]
+    if cfg.data == "real" or cfg.task in ("inpaint", "edit"):  # the VAE encodes the data
         vae = hashlib.sha256(str(pipe.vae.config).encode())  # its scale and shift too
         for name, t in sorted(pipe.vae.state_dict().items()):
             vae.update(name.encode() + weights.raw_bytes(t).tobytes())
@@ -160,10 +174,37 @@ def bucket_size(data_size, sizes):
     return max(1, data_size // len(sizes))
 
 
+def edit_task(cfg, index, width, height):
+    """--task edit: the data's edit `index` (its source, instruction and target)."""
+    return editing.task_of(cfg.seed, index, width, height)
+
+
+def encode_images(pipe, images):
+    """Images [n, 3, H, W] in [-1, 1] -> their VAE latents [n, C, h, w] (fp32, CPU)."""
+    with torch.no_grad():
+        return pipe.vae.encode(images.to(pipe.device, pipe.dtype)).float().cpu()
+
+
+def edit_shard(cfg, pipe, cond, index, w, h, settings):
+    """--task edit: -> (x0 latents [n, C, h, w]: the teacher's own guided edits of the rendered
+    sources, or with --data real the rendered targets through the VAE; the sources' latents
+    [n, C, h, w], the extra input channels an editing model reads)."""
+    pairs = [edit_task(cfg, i, w, h).render() for i in index]
+    sources = encode_images(pipe, torch.stack([p[0] for p in pairs]))          # [n, C, h, w]
+    if cfg.data == "real":
+        return encode_images(pipe, torch.stack([p[1] for p in pairs])), sources  # [n, C, h, w]
+    latents = editing.edit_latents(pipe, sources, cond, [NOISE_SEED + i for i in index],
+                                   settings["steps"], settings["cfg"], settings["image_cfg"])
+    return latents, sources                                                    # [n, C, h, w]
+
+
 def _write_shard(cfg, pipe, take, index, w, h, path, settings):
     cond, captions = take(index)
     tensors = {}
-    if cfg.task == "inpaint":  # world renders, a random mask each; x0: the teacher's completion
+    if cfg.task == "edit":  # rendered sources; x0: the teacher's edit of each (or the target)
+        latents, sources = edit_shard(cfg, pipe, cond, index, w, h, settings)  # [n, C, h, w] each
+        tensors["extra"] = sources.half()                                      # [n, C, h, w]
+    elif cfg.task == "inpaint":  # world renders, a random mask each; x0: the teacher's completion
         images = shapes.render_batch(captions, w, h, seed=index[0])            # [n, 3, H, W]
         rng = np.random.default_rng([cfg.seed, index[0], 2])
         masks = torch.stack([inpainting.random_mask(im, rng) for im in images])   # [n, 1, H, W]
@@ -191,8 +232,8 @@ def _write_shard(cfg, pipe, take, index, w, h, path, settings):
 def sample_batch(dataset, batch_size, generator):
     """One aspect-ratio bucket, then distinct random rows of it, read from its shards (every
     shard holds SHARD rows but the last) -> {name: [B, ...]}: latents, context and pooled
-    converted to fp32 on the CPU (and an inpainting task's extra channels, or a synthetic
-    latent's noise seed)."""
+    converted to fp32 on the CPU (and an inpainting or editing task's extra channels, or a
+    synthetic latent's noise seed)."""
     sizes = sorted(dataset)
     bucket = dataset[sizes[int(torch.randint(len(sizes), (1,), generator=generator))]]
     rows = torch.randperm(sum(len(p) for p in bucket["latents"]), generator=generator)[:batch_size]

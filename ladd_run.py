@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 import addons
 import cli
+import editing
 import flow
 import images
 import inpainting
@@ -65,6 +66,7 @@ def check_config(cfg):
         raise ValueError(f"--pair-weight {cfg.pair_weight:g}: the pairs are the teacher's own "
                          f"noise -> latent samples, which --data {cfg.data} does not have; pass "
                          f"--pair-weight 0 with it")
+    check_edit_options(cfg)
     for name in ("consistency_weight", "dmd_weight"):
         if getattr(cfg, name) and (cfg.task != "t2i" or cfg.shard):
             raise ValueError(f"--{name.replace('_', '-')}: text-to-image in one process group "
@@ -86,6 +88,22 @@ def check_config(cfg):
     return cfg, (times, probs, warm)
 
 
+def check_edit_options(cfg):
+    """--task edit: its prompts are its edits' instructions, and ADD's distillation target (the
+    teacher guided by text alone) would leave out the editing teacher's image guidance."""
+    if cfg.task != "edit":
+        return
+    for name in ("prompts", "cond"):
+        if getattr(cfg, name):
+            raise ValueError(f"--{name} {getattr(cfg, name)}: --task edit trains on the "
+                             f"instructions of shapes-world edits (editing.task_of); leave "
+                             f"--{name} out")
+    if cfg.distill_weight:
+        raise ValueError(f"--distill-weight {cfg.distill_weight:g}: its target is the teacher "
+                         f"guided by text alone, without the editing teacher's image guidance; "
+                         f"pass --distill-weight 0 with --task edit")
+
+
 def check_sizes(cfg, pipe):
     """--data-sizes and --judge-sizes -> (the student's sizes: the data's, default the teacher's;
     the judge's sizes, None: the student's), each checked against the teacher's patch, VAE factor
@@ -95,7 +113,7 @@ def check_sizes(cfg, pipe):
         if not text:
             return None
         if cfg.task != "t2i":
-            raise ValueError(f"{option}: inpainting uses the teacher's sizes; leave it out")
+            raise ValueError(f"{option}: --task {cfg.task} uses the teacher's sizes; leave it out")
         sizes = metrics.parse_sizes(text, option)
         for w, h in sizes:
             try:
@@ -132,13 +150,33 @@ def load_teacher(cfg, device, amp):
     against --task and --data. On CUDA it is stored in the autocast dtype: it is never updated,
     only run and differentiated through."""
     pipe = pipeline.load_pipeline(cfg.teacher, device, amp if device.type == "cuda" else torch.float32)
-    inpainting.check_task(pipe, cfg.task, cfg.teacher)
+    check_task(pipe, cfg.task, cfg.teacher)
     if cfg.data == "real" and not pipeline.is_shapes(pipe):
         raise ValueError(f"--data real renders shapes-world captions, and --teacher {cfg.teacher} "
                          f"is not a shapes world model; pass --data synthetic (its own samples)")
     if not cfg.cond and isinstance(pipe.text_encoder, pipeline.UnavailableTextEncoder):
         pipe.text_encoder.encode([""])  # raises why prompts cannot be encoded, before any writing
     return pipe
+
+
+def check_task(pipe, task, teacher):
+    """The teacher (file name `teacher`) fits --task: an editing model of the shapes world for
+    edit and only for edit; inpainting.check_task for t2i and inpaint."""
+    c = pipe.model.config
+    if editing.is_edit_model(pipe.model):
+        if task != "edit":
+            raise ValueError(f"--teacher {teacher} is an editing model (latent and source latent "
+                             f"in); pass --task edit")
+        if not pipeline.is_shapes(pipe):
+            raise ValueError(f"--task edit makes its data in the shapes world (rendered edits); "
+                             f"--teacher {teacher} is not a shapes-world model")
+    elif task == "edit":
+        raise ValueError(f"--task edit needs an editing teacher, and --teacher {teacher} is not "
+                         f"one (it reads {c.in_channels} input channels for {c.out_channels} "
+                         f"latent channels, an editing model {2 * c.out_channels}); make one with "
+                         f"python train_teacher.py --preset edit")
+    else:
+        inpainting.check_task(pipe, task, teacher)
 
 
 def student_config(cfg, teacher_config):
@@ -253,6 +291,13 @@ def describe(cfg, teacher, student, heads, device, amp, world, sharded):
 # the run folder
 
 
+def student_sampler(cfg, times):
+    """The student's sampling defaults in its checkpoint: its times, unguided (an editing
+    student: no image guidance either, one pass per step)."""
+    return {"times": times, "cfg": 1.0, "sampler": cfg.sampler,
+            **({"image_cfg": 1.0} if cfg.task == "edit" else {})}
+
+
 class RunFolder:
     """A LADD run's files in cfg.out: config.json, log.jsonl, vae.safetensors, the student
     (model.safetensors: the EMA, what is sampled; student.safetensors: the raw weights; with
@@ -292,8 +337,8 @@ class RunFolder:
             self.teacher_pipe.vae.save_pretrained(os.path.join(self.cfg.out, "vae.safetensors"))
         return pipeline.Pipeline(
             model=self.ema, text_encoder=self.teacher_pipe.text_encoder, vae=self.teacher_pipe.vae,
-            defaults={"times": self.schedule[0], "steps": len(self.schedule[0]), "cfg": 1.0,
-                      "sampler": self.cfg.sampler}, sizes=self.sizes, path=self.cfg.out)
+            defaults={**student_sampler(self.cfg, self.schedule[0]), "steps": len(self.schedule[0])},
+            sizes=self.sizes, path=self.cfg.out)
 
     def save(self, step, skipped, **extra):
         """Weights first, then the state that points past them; each file written atomically."""
@@ -309,7 +354,7 @@ class RunFolder:
             return
         meta = training.checkpoint_metadata(
             "train_ladd.py", cfg, pipeline.text_encoder_spec(self.teacher_pipe, cfg.out), "vae.safetensors",
-            {"times": self.schedule[0], "cfg": 1.0, "sampler": cfg.sampler}, self.sizes,
+            student_sampler(cfg, self.schedule[0]), self.sizes,
             teacher=os.path.abspath(self.teacher_pipe.path), train_steps=str(step), **extra)
         if cfg.lora:  # the EMA merged into the teacher's weights, and its adapters alone
             self.ema.save_pretrained(os.path.join(cfg.out, "model.safetensors"), meta,
@@ -364,31 +409,42 @@ class RunFolder:
                             self.world.main and os.path.join(self.cfg.out, name), self.grid_cache)
 
     def judge(self, student_pipe, judge_sizes, step):
-        """The shapes world's judge of the student at its steps, and (text-to-image) at 2 and 1
-        steps -> the checkpoint metadata's entries; printed, and a log.jsonl record."""
+        """The shapes world's judge of the student at its steps, and (text-to-image, editing) at
+        2 and 1 steps -> the checkpoint metadata's entries; printed, and a log.jsonl record."""
         cfg, n = self.cfg, len(self.schedule[0])
         if not (self.world.main or self.sharded) or not cfg.judge_n \
                 or not pipeline.is_shapes(self.teacher_pipe):
             return {}
         main = self.world.main
-        if cfg.task == "inpaint":
-            scores = metrics.judge_edits(student_pipe, cfg.judge_n, progress=main)
-        else:
-            scores = metrics.judge_pipeline(student_pipe, cfg.judge_n, seed=1234, sizes=judge_sizes,
-                                            progress=main)
-        print(f"student, {n} steps, {'edits ' * (cfg.task == 'inpaint')}judged:", json.dumps(scores))
+        scores = judge_student(cfg, student_pipe, judge_sizes, progress=main)
+        print(f"student, {n} steps, {'edits ' * (cfg.task != 't2i')}judged:", json.dumps(scores))
         record, extra = {"step": step, "judge": scores}, {"judge": json.dumps(scores)}
-        if cfg.task == "t2i":  # the same student with fewer steps: times 1, .5 and 1
+        if cfg.task in ("t2i", "edit"):  # the same student with fewer steps: times 1, .5 and 1
             fewer = {}
             for k in [k for k in (2, 1) if k < n]:
-                fewer[k] = metrics.judge_pipeline(student_pipe, cfg.judge_n, seed=1234,
-                                                  sizes=judge_sizes, steps=k)
-                print(f"student, {k} step{'s' * (k > 1)}, judged: all_correct "
-                      f"{fewer[k]['all_correct']}, purity {fewer[k]['purity']}")
+                fewer[k] = judge_student(cfg, student_pipe, judge_sizes, steps=k)
+                print(f"student, {k} step{'s' * (k > 1)}, judged: " + ", ".join(
+                    f"{name} {fewer[k][name]}" for name in JUDGE_SUMMARY[cfg.task]))
             record["judge_fewer_steps"] = fewer
             extra["judge_fewer_steps"] = json.dumps(fewer)
         self.write_log(record)
         return extra
+
+
+JUDGE_SEED = 1234  # the judge's captions (t2i) and edits (edit): off the data's streams (seed 0)
+JUDGE_SUMMARY = {"t2i": ("all_correct", "purity"), "edit": ("followed", "preserved", "both")}
+
+
+def judge_student(cfg, student_pipe, judge_sizes, progress=False, **settings):
+    """The shapes world's judge of the student for --task: captions (t2i), inpainting edits or
+    instruction edits -> mean scores. settings: sampling overrides (steps)."""
+    if cfg.task == "inpaint":
+        return metrics.judge_edits(student_pipe, cfg.judge_n, progress=progress, **settings)
+    if cfg.task == "edit":
+        return editing.evaluate(student_pipe, cfg.judge_n, seed=JUDGE_SEED, progress=progress,
+                                **settings)[0]
+    return metrics.judge_pipeline(student_pipe, cfg.judge_n, seed=JUDGE_SEED, sizes=judge_sizes,
+                                  progress=progress, **settings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,7 +452,9 @@ class RunFolder:
 
 
 def grid_prompts(cfg, take, teacher_pipe):
-    """Six fixed prompts outside the data (for inpainting: six fixed edits)."""
+    """Six fixed prompts outside the data (for inpainting and editing: six fixed edits)."""
+    if cfg.task == "edit":
+        return [editing.task_of(99, i, *teacher_pipe.sizes[0]) for i in range(6)]
     if cfg.task == "inpaint":
         w, h = teacher_pipe.sizes[0]
         return [inpainting.edit_task(np.random.default_rng([99, i]), w, h) for i in range(6)]
@@ -407,10 +465,13 @@ def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):
     """Rows: teacher at its default (guided) steps | teacher 4 steps | student 4 | student 1;
     the same prompts and seeds in every column. The teacher rows are computed once (cache).
     grid: (Conditioning, captions), or for inpainting a list of inpaint.edit_task edits (then
-    a first row shows the input with its mask). Sampled at the run's first size (the student's),
-    which may not be the teacher's default (a diffusers SD3 folder says 1024x1024)."""
+    a first row shows the input with its mask), or for editing a list of editing.EditTask (then
+    the first rows show the source and the target). Sampled at the run's first size (the
+    student's), which may not be the teacher's default (a diffusers SD3 folder says 1024x1024)."""
     w, h = student_pipe.sizes[0]
     d = teacher_pipe.defaults
+    if isinstance(grid, list) and isinstance(grid[0], editing.EditTask):
+        return edit_grid(teacher_pipe, student_pipe, grid, path, cache)
     if isinstance(grid, list):  # edits: (image, mask, caption) each
         def run(pipe, steps=None):
             return torch.cat([inpainting.inpaint(pipe, image, mask, [caption], steps=steps, seed=i)
@@ -424,6 +485,29 @@ def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):
                                                      for im, m, _ in grid])
         cache[f"teacher {d['steps']} steps, cfg {d['cfg']:g}"] = run(teacher_pipe)
         cache[f"teacher 4 steps, cfg {d['cfg']:g}"] = run(teacher_pipe, 4)
+    rows = dict(cache)
+    rows["student 4 steps"] = run(student_pipe, 4)
+    rows["student 1 step"] = run(student_pipe, 1)
+    if path:  # no path: this rank helps a sharded student sample, rank 0 writes
+        images.save_strip(list(rows.values()), path, labels=list(rows))
+
+
+def edit_grid(teacher_pipe, student_pipe, tasks, path, cache):
+    """comparison_grid for instruction edits (editing.EditTask): rows source | target | teacher
+    at its default (guided) steps | teacher 4 steps | student 4 | student 1; edit i from the
+    noise of seed i in every row. The first four rows are computed once (cache)."""
+    pairs = [task.render() for task in tasks]
+    sources = torch.stack([p[0] for p in pairs])                                 # [6, 3, H, W]
+    instructions = [task.instruction.text for task in tasks]
+
+    def run(pipe, steps=None):
+        return editing.edit(pipe, sources, instructions, steps=steps, seed=0)    # [6, 3, H, W]
+    if not cache:
+        s = editing.edit_settings(teacher_pipe)
+        guidance = f"cfg {s['cfg']:g}, image cfg {s['image_cfg']:g}"
+        cache["source"], cache["target"] = sources, torch.stack([p[1] for p in pairs])
+        cache[f"teacher {s['steps']} steps, {guidance}"] = run(teacher_pipe)
+        cache[f"teacher 4 steps, {guidance}"] = run(teacher_pipe, 4)
     rows = dict(cache)
     rows["student 4 steps"] = run(student_pipe, 4)
     rows["student 1 step"] = run(student_pipe, 1)

@@ -68,7 +68,7 @@ class Config:  # pragma: no mutate block (settings, not the method: docs/develop
     seed: int = 0                      # data, noise, heads and student init all derive from it
     # the teacher and its data
     teacher: str = ""                  # MMDiT checkpoint file or run folder ("": the shipped one)
-    task: str = "t2i"                  # t2i | inpaint (an inpainting teacher; shapes world)
+    task: str = "t2i"                  # t2i | inpaint | edit (an inpainting or editing teacher; shapes world)
     prompts: str = ""                  # prompts file, one a line ("": random shapes-world captions)
     cond: str = ""                     # precomputed conditioning file or shard folder, not prompts
     data: str = "synthetic"            # synthetic: teacher latents | real: world renders via the VAE
@@ -95,7 +95,7 @@ class Config:  # pragma: no mutate block (settings, not the method: docs/develop
     out: str = "runs/ladd"             # run folder: student, state, log.jsonl, comparison grids
     resume: str = ""                   # a run folder to continue (its saved settings)
     overwrite: bool = False            # start again in an --out that holds a run (replaces it)
-    preset: str = "default"            # default | pairs | test (PRESETS below)
+    preset: str = "default"            # default | pairs | edit | test (PRESETS below)
     device: str = "auto"               # auto: cuda, then mps, then cpu
     dtype: str = "auto"                # autocast dtype: auto = bf16 on CUDA, fp32 elsewhere
     optim_dtype: str = "fp32"          # the student's AdamW moments: fp32 | bf16 (half the memory)
@@ -114,6 +114,7 @@ class Config:  # pragma: no mutate block (settings, not the method: docs/develop
 PRESETS = {
     "default": {},                                           # plain LADD
     "pairs": dict(pair_weight=30.0, pair_steps=1600),        # + DMD's pairs in the first half
+    "edit": dict(task="edit", steps=2000, out="runs/ladd_edit"),  # editing: 12 min on 2 CPU cores
     "test": dict(data_size=8, steps=4, batch_size=2, warmup=1, log_every=1, grid_every=0,
                  ckpt_every=2, judge_n=4),
 }
