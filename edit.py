@@ -48,7 +48,7 @@ class EditConfig:
     cfg: float = None                # text guidance (the instruction), 1 = unguided; None: the checkpoint's
     image_cfg: float = None          # image guidance (the source), 1 = unguided; None: the checkpoint's
     sampler: str = None              # euler | renoise; None: the checkpoint's
-    seed: int = 0                    # edit i starts from the noise of seed + i
+    seed: int = None                 # edit i starts from the noise of seed + i; None: 0 (--eval: 1234, as below)
     out: str = "edit"                # FILE.png: the one edit | a folder: out.png, 000.png ... (one per instruction), strip.png
     overwrite: bool = False          # replace the earlier outputs in --out (else such a folder is refused)
     text_encoders: str = None        # SD3: the file or diffusers folder with CLIP-L, CLIP-G, T5; None: the ckpt's
@@ -70,7 +70,9 @@ def parse_args(argv=None):
 
 
 def check_options(c):
-    """The options' own checks, before anything is loaded or written."""
+    """The options' own checks, before anything is loaded or written. -> c with its seed: --eval
+    draws its edits from it too, by default editing.EVAL_SEED (not LADD's data, seed 0's)."""
+    c = dataclasses.replace(c, seed=(editing.EVAL_SEED if c.eval else 0) if c.seed is None else c.seed)
     pipeline.check_sampling(c.steps, c.cfg, None, c.sampler)
     if c.image_cfg is not None and not (math.isfinite(c.image_cfg) and c.image_cfg >= 0):
         raise ValueError(f"--image-cfg {c.image_cfg}: must be a finite number >= 0 (1 = unguided)")
@@ -98,10 +100,11 @@ def check_options(c):
         if os.path.exists(c.out) and not c.overwrite:
             raise ValueError(f"--out {c.out} exists; pass another file name, or --overwrite to replace it")
         cli.check_out_folder(os.path.dirname(c.out) or ".")
-        return
+        return c
     if os.path.exists(c.out) and not os.path.isdir(c.out):
         raise ValueError(f"--out {c.out} is a file; pass a folder for the outputs")
     cli.check_out_folder(c.out)
+    return c
 
 
 def is_file_out(c):
@@ -226,7 +229,7 @@ def run_eval(c):
 def run(c):
     """Edit as EditConfig `c` says and write the files; returns the output paths (--eval: the
     scores)."""
-    check_options(c)
+    c = check_options(c)
     if c.eval:
         return run_eval(c)
     instructions = cli.read_prompts(c.instruction, "--instruction")

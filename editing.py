@@ -241,7 +241,10 @@ def edit(pipe, images, instructions, steps=None, cfg=None, image_cfg=None, sampl
     return out
 
 
-def evaluate(pipe, n=256, seed=0, progress=False, batch_size=64, keep=0, **settings):
+EVAL_SEED = 1234  # evaluate's edits by default: not LADD's data, which are task_of(0, i) (--seed 0)
+
+
+def evaluate(pipe, n=256, seed=EVAL_SEED, progress=False, batch_size=64, keep=0, **settings):
     """The edit judge on n random edits (task_of(seed, i); a block of them at each of the
     checkpoint's sizes), edit i from the noise of seed + i -> (mean followed, preserved and
     both, [(source, output, target) images of the first `keep` edits]). settings: edit's.

@@ -139,13 +139,14 @@ def test_eval_prints_one_json_line_and_writes_the_grid_and_scores(models, tmp_pa
     assert (line["steps"], line["cfg"], line["image_cfg"]) == (1, 2.0, 1.5)
     # the library's numbers, from the same edits
     pipe = pipeline.load_pipeline(models["teacher"])
-    scores, rows = editing.evaluate(pipe, 4, 0, keep=4, steps=1)
+    scores, rows = editing.evaluate(pipe, 4, keep=4, steps=1)   # seed: editing.EVAL_SEED, not 0
     assert scores == {k: line[k] for k in scores}
     assert sorted(os.listdir(out)) == ["grid.png", "scores.json"]
     saved = json.loads((out / "scores.json").read_text())
     assert saved["scores"] == scores and saved["eval"] == 4 and saved["image_cfg"] == 1.5
     # the grid: a row per edit (source | output | target), its instruction as the label
-    labels = [editing.task_of(0, i, 16, 16).instruction.text for i in range(4)]
+    assert saved["seed"] == editing.EVAL_SEED != 0   # not the LADD data's edits (seed 0)
+    labels = [editing.task_of(editing.EVAL_SEED, i, 16, 16).instruction.text for i in range(4)]
     probe = tmp_path / "probe.png"
     images.save_strip([list(r) for r in rows], probe, labels)
     assert read_png(out / "grid.png").shape == read_png(probe).shape
@@ -242,7 +243,8 @@ def test_out_as_a_png_file_is_the_one_edit_and_nothing_else(models, tmp_path, ca
 def test_eval_of_a_text_to_image_model_draws_the_target_captions(models, tmp_path, capsys):
     """The baseline that never sees the source: its samples of the target captions, judged as
     edits (the same numbers as the library's), and no image guidance to set."""
-    run_edit("--ckpt", models["t2i"], "--eval", 3, "--steps", 1, "--out", tmp_path / "t2i", "--quiet")
+    run_edit("--ckpt", models["t2i"], "--eval", 3, "--steps", 1, "--seed", 0, "--out", tmp_path / "t2i",
+             "--quiet")
     line = json.loads(capsys.readouterr().out)
     assert line["image_cfg"] is None and line["steps"] == 1
     pipe = pipeline.load_pipeline(models["t2i"])
