@@ -3,7 +3,7 @@ Instruction editing: a source image and an instruction in, the edited image out,
 model (it reads the source's latent beside the noisy one; editing.py).
 
     python edit.py --ckpt assets/shapes_edit_teacher.safetensors --image docs/inpaint_in.png \\
-        --instruction "make the red circle blue" --out edited.png
+        --instruction "make the red circle green" --out edited.png
     python edit.py --ckpt runs/ladd_edit --image in.png --instruction "remove the green triangle" \\
         --instruction "make the background white" --out edits     # a student: its few steps
     python edit.py --ckpt assets/shapes_edit_teacher.safetensors --eval 256 --out eval/edit
