@@ -86,9 +86,23 @@ class Scene:
         return f"{first} {self.relation} {second} on a {self.background} background"
 
 
-def _grammar_help() -> str:
-    forms = "\n".join(f"  {form}" for form in FORMS)
+def _grammar_help(forms=FORMS) -> str:
+    forms = "\n".join(f"  {form}" for form in forms)
     return f"Use exactly one of:\n{forms}\ncolours: {', '.join(PALETTE)}\nshapes: {', '.join(SHAPES)}"
+
+
+def _slots(words, form):
+    """The colour and shape words of `words` if they fit `form` word for word, else None."""
+    template = form.split()
+    if len(words) != len(template):
+        return None
+    slots = []
+    for want, word in zip(template, words):
+        if (want == "{colour}" and word in PALETTE) or (want == "{shape}" and word in SHAPES):
+            slots.append(word)
+        elif want != word:
+            return None
+    return slots
 
 
 def parse_caption(caption: str) -> Scene:
@@ -97,16 +111,8 @@ def parse_caption(caption: str) -> Scene:
         raise ValueError(f"caption must be a string, got {type(caption).__name__}. {_grammar_help()}")
     words = caption.lower().split()
     for form, relation in zip(FORMS, (None, *RELATIONS)):
-        template = form.split()
-        if len(words) != len(template):
-            continue
-        slots = []
-        for want, word in zip(template, words):
-            if (want == "{colour}" and word in PALETTE) or (want == "{shape}" and word in SHAPES):
-                slots.append(word)
-            elif want != word:
-                break
-        else:
+        slots = _slots(words, form)
+        if slots is not None:
             *pairs, background = slots
             objects = tuple(Obj(c, s) for c, s in zip(pairs[0::2], pairs[1::2]))
             colours = [o.colour for o in objects] + [background]
@@ -152,31 +158,19 @@ class Instruction:
         return INSTRUCTIONS[self.kind].replace("{colour}", "{}").replace("{shape}", "{}").format(*slots)
 
 
-def _instruction_help() -> str:
-    forms = "\n".join(f"  {form}" for form in INSTRUCTIONS.values())
-    return f"Use exactly one of:\n{forms}\ncolours: {', '.join(PALETTE)}\nshapes: {', '.join(SHAPES)}"
-
-
 def parse_instruction(text: str) -> Instruction:
     """Instruction text -> Instruction. Case and extra whitespace are normalised."""
     if not isinstance(text, str):
-        raise ValueError(f"instruction must be a string, got {type(text).__name__}. {_instruction_help()}")
+        raise ValueError(f"instruction must be a string, got {type(text).__name__}. "
+                         f"{_grammar_help(INSTRUCTIONS.values())}")
     words = text.lower().split()
     for kind, form in INSTRUCTIONS.items():
-        template = form.split()
-        if len(words) != len(template):
-            continue
-        slots = []
-        for want, word in zip(template, words):
-            if (want == "{colour}" and word in PALETTE) or (want == "{shape}" and word in SHAPES):
-                slots.append(word)
-            elif want != word:
-                break
-        else:
+        slots = _slots(words, form)
+        if slots is not None:
             target = None if kind == "background" else Obj(*slots[:2])
             return Instruction(kind, target, None if kind == "remove" else slots[-1])
     raise ValueError(f"instruction {text!r} is not in the shapes world's edit grammar. "
-                     f"{_instruction_help()}")
+                     f"{_grammar_help(INSTRUCTIONS.values())}")
 
 
 def apply(scene: Scene, instruction: Instruction) -> Scene:
