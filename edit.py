@@ -11,10 +11,11 @@ model (it reads the source's latent beside the noisy one; editing.py).
 
 --out FILE.png writes that one edited image. A folder --out gets out.png (the first edit; with
 several instructions also 000.png, 001.png, ..., one per instruction, as inpaint.py), strip.png
-(source | output, a row per instruction) and the resolved config.json. --eval N instead judges N random shapes-world edits with an
-exact answer (followed, preserved, both: editing.judge_edit), prints them as one JSON line with
-the settings used and writes grid.png (source | output | target, the first edits) and
-scores.json. A folder holding earlier outputs is refused (--overwrite replaces them), and so are
+(source | output, a row per instruction) and the resolved config.json. --eval N instead judges
+N random shapes-world edits with an exact answer (followed, preserved, both:
+editing.judge_edit; drawn from --seed, 1234 by default, which LADD's data do not use), prints
+them as one JSON line with the settings used and writes grid.png (source | output | target, the
+first edits) and scores.json; a text-to-image model is judged drawing the target captions. A folder holding earlier outputs is refused (--overwrite replaces them), and so are
 outputs that are not finite.
 
 A teacher edits guided by two scales, --cfg for the instruction and --image-cfg for the source
@@ -48,7 +49,7 @@ class EditConfig:
     cfg: float = None                # text guidance (the instruction), 1 = unguided; None: the checkpoint's
     image_cfg: float = None          # image guidance (the source), 1 = unguided; None: the checkpoint's
     sampler: str = None              # euler | renoise; None: the checkpoint's
-    seed: int = None                 # edit i starts from the noise of seed + i; None: 0 (--eval: 1234, as below)
+    seed: int = None                 # edit i starts from the noise of seed + i; None: 0 (--eval: 1234)
     out: str = "edit"                # FILE.png: the one edit | a folder: out.png, 000.png ... (one per instruction), strip.png
     overwrite: bool = False          # replace the earlier outputs in --out (else such a folder is refused)
     text_encoders: str = None        # SD3: the file or diffusers folder with CLIP-L, CLIP-G, T5; None: the ckpt's
