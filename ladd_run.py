@@ -466,13 +466,24 @@ def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):
     the same prompts and seeds in every column. The teacher rows are computed once (cache).
     grid: (Conditioning, captions), or for inpainting a list of inpaint.edit_task edits (then
     a first row shows the input with its mask), or for editing a list of editing.EditTask (then
-    the first rows show the source and the target). Sampled at the run's first size (the
-    student's), which may not be the teacher's default (a diffusers SD3 folder says 1024x1024)."""
+    the first rows show the source and the target; edit i from the noise of seed i). Sampled at
+    the run's first size (the student's), which may not be the teacher's default (a diffusers
+    SD3 folder says 1024x1024)."""
     w, h = student_pipe.sizes[0]
     d = teacher_pipe.defaults
-    if isinstance(grid, list) and isinstance(grid[0], editing.EditTask):
-        return edit_grid(teacher_pipe, student_pipe, grid, path, cache)
-    if isinstance(grid, list):  # edits: (image, mask, caption) each
+    guidance, first = f"cfg {d['cfg']:g}", {}
+    if isinstance(grid, list) and isinstance(grid[0], editing.EditTask):  # instruction edits
+        pairs = [task.render() for task in grid]
+        first = {"source": torch.stack([p[0] for p in pairs]),                  # [6, 3, H, W]
+                 "target": torch.stack([p[1] for p in pairs])}
+        guidance += f", image cfg {editing.edit_settings(teacher_pipe)['image_cfg']:g}"
+
+        def run(pipe, steps=None):
+            return editing.edit(pipe, first["source"], [t.instruction.text for t in grid],
+                                steps=steps, seed=0)                             # [6, 3, H, W]
+    elif isinstance(grid, list):  # inpainting edits: (image, mask, caption) each
+        first = {"input, mask grey": torch.stack([torch.where(m > 0, 0.0, im) for im, m, _ in grid])}
+
         def run(pipe, steps=None):
             return torch.cat([inpainting.inpaint(pipe, image, mask, [caption], steps=steps, seed=i)
                               for i, (image, mask, caption) in enumerate(grid)])
@@ -480,33 +491,8 @@ def comparison_grid(teacher_pipe, student_pipe, grid, path, cache):
         def run(pipe, steps=None):
             return pipeline.generate(pipe, grid[0], w, h, steps=steps, seed=0, progress=False)
     if not cache:
-        if isinstance(grid, list):
-            cache["input, mask grey"] = torch.stack([torch.where(m > 0, 0.0, im)
-                                                     for im, m, _ in grid])
-        cache[f"teacher {d['steps']} steps, cfg {d['cfg']:g}"] = run(teacher_pipe)
-        cache[f"teacher 4 steps, cfg {d['cfg']:g}"] = run(teacher_pipe, 4)
-    rows = dict(cache)
-    rows["student 4 steps"] = run(student_pipe, 4)
-    rows["student 1 step"] = run(student_pipe, 1)
-    if path:  # no path: this rank helps a sharded student sample, rank 0 writes
-        images.save_strip(list(rows.values()), path, labels=list(rows))
-
-
-def edit_grid(teacher_pipe, student_pipe, tasks, path, cache):
-    """comparison_grid for instruction edits (editing.EditTask): rows source | target | teacher
-    at its default (guided) steps | teacher 4 steps | student 4 | student 1; edit i from the
-    noise of seed i in every row. The first four rows are computed once (cache)."""
-    pairs = [task.render() for task in tasks]
-    sources = torch.stack([p[0] for p in pairs])                                 # [6, 3, H, W]
-    instructions = [task.instruction.text for task in tasks]
-
-    def run(pipe, steps=None):
-        return editing.edit(pipe, sources, instructions, steps=steps, seed=0)    # [6, 3, H, W]
-    if not cache:
-        s = editing.edit_settings(teacher_pipe)
-        guidance = f"cfg {s['cfg']:g}, image cfg {s['image_cfg']:g}"
-        cache["source"], cache["target"] = sources, torch.stack([p[1] for p in pairs])
-        cache[f"teacher {s['steps']} steps, {guidance}"] = run(teacher_pipe)
+        cache.update(first)
+        cache[f"teacher {d['steps']} steps, {guidance}"] = run(teacher_pipe)
         cache[f"teacher 4 steps, {guidance}"] = run(teacher_pipe, 4)
     rows = dict(cache)
     rows["student 4 steps"] = run(student_pipe, 4)
