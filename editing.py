@@ -10,8 +10,9 @@ prompt; the source: a zero latent), so it has two guidance scales at sampling, a
 InstructPix2Pix (`guided` below):
 
     v = v(-, -) + image_cfg (v(image, -) - v(-, -)) + cfg (v(image, text) - v(image, -))
- A LADD student of it (train_ladd.py --task edit) is unguided: one
-pass per step.
+
+with v(source, instruction) the velocity and "-" a dropped condition. A LADD student of it
+(train_ladd.py --task edit) is unguided: one pass per step.
 
 The shapes world makes edits with an exact answer: a random scene, an instruction that applies
 to it (shapes.random_instruction), and the target rendered by the world in the same boxes.
@@ -167,9 +168,8 @@ def is_edit_model(model):
 
 def guided(velocity, source, uncond_context, uncond_pooled, cfg=1.0, image_cfg=1.0):
     """velocity(x, t, context, pooled) of an editing model with the source latent [B, z, h, w]
-    appended, guided by two scales (InstructPix2Pix's, 1 = unguided):
-        v = v(x | -, -) + image_cfg (v(x | image, -) - v(x | -, -)) + cfg (v(x | image, text) - v(x | image, -))
-    where "-" is the dropped condition: the empty prompt (uncond_context [1 or B, L, Dc],
+    appended, guided by two scales (InstructPix2Pix's, 1 = unguided; the module docstring's
+    formula), where "-" is the dropped condition: the empty prompt (uncond_context [1 or B, L, Dc],
     uncond_pooled [1 or B, Dp]) and the zero latent. Both scales 1: one pass, no guidance."""
     def run(x, t, context, pooled):
         src = source.to(x.dtype)                                       # [B, z, h, w]
