@@ -253,8 +253,7 @@ def run(c):
     earlier = [] if is_file_out(c) else images.check_out(c.out, c.overwrite)
     s = editing.edit_settings(pipe, c.steps, c.cfg, c.image_cfg, c.sampler)
     results = editing.edit(pipe, source, instructions, steps=c.steps, cfg=c.cfg,
-                           image_cfg=c.image_cfg, sampler=c.sampler, seed=c.seed)  # [N, 3, H, W]
-    pipeline.check_finite_output(results, s["cfg"], pipe.dtype)
+                           image_cfg=c.image_cfg, sampler=c.sampler, seed=c.seed)  # [N, 3, H, W], finite
     if is_file_out(c):
         images.save_png(results[0], c.out)
         if not c.quiet:
@@ -262,18 +261,9 @@ def run(c):
         return [c.out]
     images.clear_out(c.out, earlier, c.quiet)
 
-    os.makedirs(c.out, exist_ok=True)
-    paths = [os.path.join(c.out, "out.png")]
-    images.save_png(results[0], paths[0])
-    if len(results) > 1:
-        paths += [os.path.join(c.out, f"{i:03d}.png") for i in range(len(results))]
-        for im, path in zip(results, paths[1:]):
-            images.save_png(im, path)
-    paths.append(os.path.join(c.out, "strip.png"))
-    images.save_strip([[source, im] for im in results], paths[-1], instructions)
     config = resolved(c, pipe, s, instruction=instructions, width=W, height=H)
-    paths.append(os.path.join(c.out, "config.json"))
-    weights.atomic_write(paths[-1], lambda f: f.write(json.dumps(config, indent=2).encode()))
+    paths = images.write_outputs(c.out, results, [[source, im] for im in results], config,
+                                 instructions)
     if not c.quiet:
         print(f"wrote {len(results)} edited image(s) of {W}x{H} to {c.out}/: "
               + ", ".join(os.path.basename(p) for p in paths))

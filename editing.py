@@ -223,6 +223,7 @@ def edit(pipe, images, instructions, steps=None, cfg=None, image_cfg=None, sampl
     instruction each -> edited images [N, 3, H, W] in [-1, 1] on the CPU. Edit i starts from the
     noise of seed + i. steps, cfg, image_cfg, sampler: None means the checkpoint's."""
     check_edit_model(pipe)
+    guidance = edit_settings(pipe, steps, cfg, image_cfg, sampler)["cfg"]  # checks them, before any work
     images = images[None] if images.dim() == 3 else images
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [N, 3, H, W] in [-1, 1], got {list(images.shape)}")
@@ -237,7 +238,7 @@ def edit(pipe, images, instructions, steps=None, cfg=None, image_cfg=None, sampl
     latents = edit_latents(pipe, source, cond, [seed + k for k in range(n)], steps, cfg, image_cfg,
                            sampler)
     out = pipe.vae.decode(latents.to(pipe.device)).float().cpu()                  # [N, 3, H, W]
-    pipeline.check_finite_output(out, edit_settings(pipe, steps, cfg, image_cfg, sampler)["cfg"], pipe.dtype)
+    pipeline.check_finite_output(out, guidance, pipe.dtype)
     return out
 
 

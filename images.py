@@ -4,6 +4,7 @@ Every file is written atomically (a temporary file, then a rename), and an outpu
 mixes two runs' files (`check_out`, `clear_out`).
 """
 
+import json
 import math
 import os
 import re
@@ -85,6 +86,24 @@ def save_strip(rows, path, labels=None, pad=2):
     if labels is not None and len(labels) != len(rows):
         raise ValueError(f"save_strip got {len(labels)} labels for {len(rows)} rows")
     save_png(_compose([list(r) for r in rows], pad, labels), path)
+
+
+def write_outputs(folder, results, strip_rows, config, labels=None):
+    """A script's outputs for N images [N, 3, H, W] into `folder`: out.png (the first), with
+    several also 000.png, 001.png, ... (one each), strip.png (strip_rows, optional row labels)
+    and config.json -> the paths written, in that order."""
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, "out.png")]
+    save_png(results[0], paths[0])
+    if len(results) > 1:
+        paths += [os.path.join(folder, f"{i:03d}.png") for i in range(len(results))]
+        for im, path in zip(results, paths[1:]):
+            save_png(im, path)
+    paths.append(os.path.join(folder, "strip.png"))
+    save_strip(strip_rows, paths[-1], labels)
+    paths.append(os.path.join(folder, "config.json"))
+    weights.atomic_write(paths[-1], lambda f: f.write(json.dumps(config, indent=2).encode()))
+    return paths
 
 
 def load_mask(path):

@@ -141,19 +141,10 @@ def run(c):
     pipeline.check_finite_output(results, s["cfg"], dtype)
     images.clear_out(c.out, earlier, c.quiet)
 
-    paths = [os.path.join(c.out, "out.png")]
-    images.save_png(results[0], paths[0])
-    if len(results) > 1:
-        paths += [os.path.join(c.out, f"{i:03d}.png") for i in range(len(results))]
-        for im, path in zip(results, paths[1:]):
-            images.save_png(im, path)
     shown = mask.expand(3, -1, -1) * 2 - 1                             # [3, H, W]: white = repaint
-    paths.append(os.path.join(c.out, "strip.png"))
-    images.save_strip([[image, shown, im] for im in results], paths[-1])
     resolved = {**dataclasses.asdict(c), **s, "width": image.shape[2], "height": image.shape[1],
                 "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
-    paths.append(os.path.join(c.out, "config.json"))
-    weights.atomic_write(paths[-1], lambda f: f.write(json.dumps(resolved, indent=2).encode()))
+    paths = images.write_outputs(c.out, results, [[image, shown, im] for im in results], resolved)
     if not c.quiet:
         print(f"wrote {len(results)} inpainted image(s) to {c.out}/: "
               + ", ".join(os.path.basename(p) for p in paths))
