@@ -278,6 +278,32 @@ def test_a_dmd_run_saves_its_fake_score_and_resumes_exactly(teacher_path, tmp_pa
     assert any(not torch.equal(v, start[k[len("/addon/fake/"):]]) for k, v in fake.items())
 
 
+def run_tensors(folder):
+    """Every tensor a run folder holds: the student, its EMA (model) and the training state."""
+    out = {f"student/{k}": v for k, v in weights.load_file(folder / "student.safetensors").items()}
+    out.update({f"model/{k}": v for k, v in weights.load_file(folder / "model.safetensors").items()})
+    out.update(tensors(weights.load_state(folder / "state.safetensors"), "state"))
+    return out
+
+
+def test_weight_0_is_plain_ladd_bit_for_bit(teacher_path, tmp_path, monkeypatch):
+    """Asked for by name at weight 0 (shift 1), the add-ons leave the run what plain LADD makes
+    with their code cut out: no term, no extra draw, no extra model."""
+    zeros = ("--dmd-weight", "0", "--consistency-weight", "0", "--one-step-t-hat-shift", "1")
+    train_ladd.main(ladd_argv(teacher_path, tmp_path / "zero", "--steps", "3", *zeros))
+    train_ladd.main(ladd_argv(teacher_path, tmp_path / "dmd", "--steps", "3", "--dmd-weight", "1"))
+    with monkeypatch.context() as m:
+        m.setattr(ladd_run, "few_step_settings", lambda *args: (None, None))
+        m.setattr(addons, "shift_one_step", lambda t, t_hat, shift: t_hat)
+        train_ladd.main(ladd_argv(teacher_path, tmp_path / "plain", "--steps", "3"))
+    zero, plain = run_tensors(tmp_path / "zero"), run_tensors(tmp_path / "plain")
+    assert zero.keys() == plain.keys()
+    for name in plain:
+        assert torch.equal(zero[name], plain[name]), name
+    dmd = run_tensors(tmp_path / "dmd")  # the comparison can fail: weight 1 moves the student
+    assert any(not torch.equal(dmd[k], plain[k]) for k in plain if k.startswith("student/"))
+
+
 @pytest.mark.parametrize("extra, words", [
     (("--consistency-weight", "-1"), "--consistency-weight"),
     (("--dmd-weight", "nan"), "--dmd-weight"),
