@@ -16,6 +16,7 @@ import train_ladd
 import weights
 from conftest import LADD_SAMPLER, expect_one_line_error, ladd_argv, make_checkpoint
 from test_ladd_method import perturb, tiny_models  # the LADD step's tiny models
+from test_train_ladd import tensors  # a training state's tensors by path
 
 ONE_THREAD = True
 
@@ -244,19 +245,6 @@ def test_draw_batch_shifts_the_t_hat_of_the_t1_rows_only(teacher_path, tmp_path)
         for k in ("x0", "t", "eps", "eps_fake", "eps_real"):
             assert torch.equal(getattr(a, k), getattr(b, k)), k
         torch.testing.assert_close(b.t_hat, addons.shift_one_step(a.t, a.t_hat, 0.4))
-
-
-def tensors(state, prefix=""):
-    out = {}
-    if torch.is_tensor(state):
-        return {prefix: state}
-    if isinstance(state, dict):
-        for k, v in state.items():
-            out.update(tensors(v, f"{prefix}/{k}"))
-    elif isinstance(state, (list, tuple)):
-        for i, v in enumerate(state):
-            out.update(tensors(v, f"{prefix}/{i}"))
-    return out
 
 
 def test_a_dmd_run_saves_its_fake_score_and_resumes_exactly(teacher_path, tmp_path):

@@ -219,7 +219,7 @@ def dataset_folder(data_dir):
 def tensors(tree, prefix=""):
     if isinstance(tree, torch.Tensor):
         return {prefix: tree}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
     return {k: v for key, sub in items for k, v in tensors(sub, f"{prefix}/{key}").items()}
 
 
